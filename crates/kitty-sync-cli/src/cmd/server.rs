@@ -1,0 +1,75 @@
+//! `kitty-sync server [URL]`: show the target authority, or set `[sync] server_url`.
+
+use std::path::Path;
+
+use anyhow::Result;
+use clap::Args;
+use kitty_sync::authority::{OverrideMode, TargetAuthority};
+use kitty_sync::home::edit_config;
+use kitty_sync::target_url::canonicalize;
+
+use super::Context;
+use crate::output::Printer;
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// New server URL (https://, or http:// for loopback); omit to show the current target
+    url: Option<String>,
+}
+
+pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+    let ctx = Context::load(home_flag)?;
+    let Some(url) = args.url else {
+        ctx.warn_authority(printer);
+        if printer.json {
+            printer.json_doc(&ctx.authority);
+        } else {
+            print_authority(&ctx.authority, printer);
+        }
+        return Ok(0);
+    };
+    let target = canonicalize(&url)?;
+    let stored = target.raw.trim_end_matches('/').to_string();
+    edit_config(&ctx.home.config_path(), |doc| doc["sync"]["server_url"] = toml_edit::value(stored.clone()))?;
+    let after = Context::load(home_flag)?;
+    after.warn_authority(printer);
+    if printer.json {
+        printer.json_doc(&after.authority);
+        return Ok(0);
+    }
+    printer.line(format!("Server set to {stored} (in {})", ctx.home.config_path().display()));
+    if after.authority.override_mode == OverrideMode::ProcessOverride {
+        printer.line(format!(
+            "Note: SPEC_KITTY_SAAS_URL is set, so this process still targets {}",
+            after.authority.resolved_server_url
+        ));
+    }
+    print_authority(&after.authority, printer);
+    Ok(0)
+}
+
+pub fn print_authority(a: &TargetAuthority, printer: &Printer) {
+    let or_unset = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
+    let override_text = match a.override_mode {
+        OverrideMode::None => "none",
+        OverrideMode::ProcessOverride => "process_override (SPEC_KITTY_SAAS_URL wins)",
+    };
+    let status = serde_json::to_value(a.active_queue_scope_status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let rows = [
+        ("resolved server", a.resolved_server_url.clone()),
+        ("configured", or_unset(&a.configured_server_url)),
+        ("SPEC_KITTY_SAAS_URL", or_unset(&a.env_server_url)),
+        ("override", override_text.to_string()),
+        ("user", or_unset(&a.user_id)),
+        ("team", or_unset(&a.team_slug)),
+        ("queue scope", a.derived_queue_scope.clone()),
+        ("legacy queue", a.queue_db_path.clone()),
+        ("active scope", format!("{status}{}", a.active_queue_scope.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())),
+    ];
+    for (label, value) in rows {
+        printer.line(format!("{label:<20} {value}"));
+    }
+}

@@ -1,0 +1,111 @@
+//! One output discipline for every command: human text or one JSON document on stdout;
+//! warnings, progress and errors on stderr.
+
+use std::io::{IsTerminal, Write};
+
+use serde::Serialize;
+
+pub struct Printer {
+    pub json: bool,
+    pub quiet: bool,
+    pub verbose: u8,
+    stderr_tty: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool, quiet: bool, verbose: u8) -> Printer {
+        Printer { json, quiet, verbose, stderr_tty: std::io::stderr().is_terminal() }
+    }
+
+    /// Human output (suppressed by `--json` and `--quiet`).
+    pub fn line(&self, text: impl AsRef<str>) {
+        if !self.json && !self.quiet {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", text.as_ref());
+        }
+    }
+
+    /// Output a script may need even under `--quiet` (e.g. a captured event id).
+    pub fn essential(&self, text: impl AsRef<str>) {
+        if !self.json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", text.as_ref());
+        }
+    }
+
+    pub fn json_doc<T: Serialize>(&self, value: &T) {
+        let mut out = std::io::stdout().lock();
+        match serde_json::to_string_pretty(value) {
+            Ok(text) => {
+                let _ = writeln!(out, "{text}");
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: cannot render JSON: {e}");
+            }
+        }
+    }
+
+    pub fn warn(&self, text: impl AsRef<str>) {
+        let _ = writeln!(std::io::stderr().lock(), "warning: {}", text.as_ref());
+    }
+
+    pub fn note(&self, text: impl AsRef<str>) {
+        if !self.quiet {
+            let _ = writeln!(std::io::stderr().lock(), "{}", text.as_ref());
+        }
+    }
+
+    /// Progress bars only on a terminal, never under `--quiet`.
+    pub fn show_progress(&self) -> bool {
+        self.stderr_tty && !self.quiet
+    }
+
+    /// Renders an error with its hint and returns the exit code.
+    pub fn error(&self, err: &anyhow::Error) -> u8 {
+        let mut stderr = std::io::stderr().lock();
+        match err.downcast_ref::<kitty_sync::Error>() {
+            Some(e) => {
+                let _ = writeln!(stderr, "error: {e}");
+                let _ = writeln!(stderr, "hint: {}", e.hint());
+                e.exit_code()
+            }
+            None => {
+                let _ = writeln!(stderr, "error: {err:#}");
+                let _ = writeln!(stderr, "hint: run again with -v for details; report it if it persists");
+                1
+            }
+        }
+    }
+}
+
+/// A spinner with a counter on stderr, drawn only on a terminal.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub fn lines(printer: &Printer, label: &'static str) -> Progress {
+        if !printer.show_progress() {
+            return Progress { bar: None };
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} lines ({per_sec}, {elapsed})") {
+            bar.set_style(style);
+        }
+        bar.set_message(label);
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Progress { bar: Some(bar) }
+    }
+
+    pub fn set(&self, position: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(position);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

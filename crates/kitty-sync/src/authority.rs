@@ -1,0 +1,266 @@
+//! Target authority (contract §4): the one place that decides, once per process, which server
+//! URL everything uses, and the legacy queue scope derived from it.
+
+use serde::Serialize;
+
+use crate::envelope::sha256_hex;
+use crate::error::Result;
+use crate::home::{Config, Credentials, Home};
+
+pub const SAAS_URL_ENV: &str = "SPEC_KITTY_SAAS_URL";
+pub const ENABLE_SAAS_SYNC_ENV: &str = "SPEC_KITTY_ENABLE_SAAS_SYNC";
+pub const DEFAULT_SERVER_URL: &str = "https://spec-kitty-dev.fly.dev";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverrideMode {
+    None,
+    ProcessOverride,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActiveScopeStatus {
+    Absent,
+    Matches,
+    StaleNonAuthoritative,
+}
+
+/// The resolved target authority. Serialises to the contract's `target_authority` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TargetAuthority {
+    pub configured_server_url: Option<String>,
+    pub env_server_url: Option<String>,
+    pub override_mode: OverrideMode,
+    pub resolved_server_url: String,
+    pub user_id: Option<String>,
+    pub team_slug: Option<String>,
+    pub derived_queue_scope: String,
+    pub queue_db_path: String,
+    pub active_queue_scope: Option<String>,
+    pub active_queue_scope_status: ActiveScopeStatus,
+    pub warnings: Vec<String>,
+}
+
+/// Everything the resolver reads, gathered up front so resolution itself is pure.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorityInputs {
+    pub configured_server_url: Option<String>,
+    pub env_server_url: Option<String>,
+    pub credentials: Option<Credentials>,
+    pub active_queue_scope: Option<String>,
+}
+
+impl AuthorityInputs {
+    /// Reads config, credentials, `active_queue_scope` and the environment. A credentials file
+    /// that cannot be read does not stop the caller; it becomes a warning.
+    pub fn gather(home: &Home, config: &Config) -> (AuthorityInputs, Vec<String>) {
+        let mut warnings = Vec::new();
+        let credentials = match home.load_credentials() {
+            Ok(c) => c,
+            Err(e) => {
+                warnings.push(format!("ignoring credentials: {e} (hint: {})", e.hint()));
+                None
+            }
+        };
+        let active_queue_scope = std::fs::read_to_string(home.active_queue_scope_path())
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let inputs = AuthorityInputs {
+            configured_server_url: config.server_url.clone(),
+            env_server_url: std::env::var(SAAS_URL_ENV).ok(),
+            credentials,
+            active_queue_scope,
+        };
+        (inputs, warnings)
+    }
+}
+
+fn strip_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_string()
+}
+
+fn same_url(a: &str, b: &str) -> bool {
+    match (crate::target_url::canonicalize(a), crate::target_url::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x.canonical == y.canonical,
+        _ => strip_url(a) == strip_url(b),
+    }
+}
+
+impl TargetAuthority {
+    pub fn resolve(inputs: &AuthorityInputs) -> TargetAuthority {
+        let configured = inputs.configured_server_url.as_deref().map(strip_url).filter(|s| !s.is_empty());
+        let env = inputs.env_server_url.as_deref().map(strip_url).filter(|s| !s.is_empty());
+        let override_mode = match (&env, &configured) {
+            (None, _) => OverrideMode::None,
+            (Some(e), Some(c)) if same_url(e, c) => OverrideMode::None,
+            (Some(_), _) => OverrideMode::ProcessOverride,
+        };
+        let resolved = env.clone().or_else(|| configured.clone()).unwrap_or_else(|| DEFAULT_SERVER_URL.to_string());
+        let mut warnings = Vec::new();
+        if override_mode == OverrideMode::ProcessOverride {
+            let config_text = configured
+                .as_deref()
+                .map(|c| format!("[sync] server_url {c}"))
+                .unwrap_or_else(|| format!("the default server {DEFAULT_SERVER_URL} ([sync] server_url is not set)"));
+            warnings.push(format!(
+                "{SAAS_URL_ENV}={} overrides {config_text} for this process",
+                env.as_deref().unwrap_or_default()
+            ));
+        }
+        let credentials = inputs.credentials.as_ref();
+        let user_id = credentials.and_then(|c| c.username.clone());
+        let team_slug = credentials.and_then(|c| c.team_slug.clone());
+        let derived_queue_scope = queue_scope(&resolved, user_id.as_deref(), team_slug.as_deref());
+        let queue_db_path = match user_id {
+            Some(_) => format!("queues/queue-{}.db", scope_digest(&derived_queue_scope)),
+            None => "queue.db".to_string(),
+        };
+        let active_queue_scope_status = match &inputs.active_queue_scope {
+            None => ActiveScopeStatus::Absent,
+            Some(s) if *s == derived_queue_scope => ActiveScopeStatus::Matches,
+            Some(_) => ActiveScopeStatus::StaleNonAuthoritative,
+        };
+        TargetAuthority {
+            configured_server_url: configured,
+            env_server_url: env,
+            override_mode,
+            resolved_server_url: resolved,
+            user_id,
+            team_slug,
+            derived_queue_scope,
+            queue_db_path,
+            active_queue_scope: inputs.active_queue_scope.clone(),
+            active_queue_scope_status,
+            warnings,
+        }
+    }
+
+    /// Resolves from the home and the process environment.
+    pub fn for_home(home: &Home, config: &Config) -> Result<TargetAuthority> {
+        let (inputs, mut warnings) = AuthorityInputs::gather(home, config);
+        let mut authority = TargetAuthority::resolve(&inputs);
+        authority.warnings.append(&mut warnings);
+        Ok(authority)
+    }
+
+    /// The legacy digest of the derived scope (the name part of `queues/queue-<digest>.db`).
+    pub fn derived_digest(&self) -> String {
+        scope_digest(&self.derived_queue_scope)
+    }
+}
+
+/// spec-kitty 3.2.3's scope rule: each part trimmed and lower-cased, the server without
+/// trailing `/`; a known user without a team uses the literal `no-team`.
+pub fn queue_scope(server: &str, user: Option<&str>, team: Option<&str>) -> String {
+    let server = server.trim().to_lowercase();
+    let server = server.trim_end_matches('/');
+    let user = user.map(|u| u.trim().to_lowercase()).unwrap_or_default();
+    let team = match team.map(|t| t.trim().to_lowercase()).filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None if !user.is_empty() => "no-team".to_string(),
+        None => String::new(),
+    };
+    format!("{server}|{user}|{team}")
+}
+
+/// First 16 hex characters of SHA-256 of the scope.
+pub fn scope_digest(scope: &str) -> String {
+    sha256_hex(scope.as_bytes())[..16].to_string()
+}
+
+/// `SPEC_KITTY_ENABLE_SAAS_SYNC` truthiness: `1,true,yes,y,on`, case-insensitive.
+pub fn saas_sync_enabled() -> bool {
+    std::env::var(ENABLE_SAAS_SYNC_ENV).map(|v| is_truthy(&v)).unwrap_or(false)
+}
+
+pub fn is_truthy(value: &str) -> bool {
+    matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "y" | "on")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(user: &str, team: Option<&str>) -> Credentials {
+        Credentials { username: Some(user.into()), team_slug: team.map(Into::into), ..Default::default() }
+    }
+
+    #[test]
+    fn scope_rule_matches_spec_kitty_323() {
+        let scope = queue_scope("https://Spec-Kitty-Dev.fly.dev/ ", Some(" Alice@Example.com"), Some("Team-X"));
+        assert_eq!(scope, "https://spec-kitty-dev.fly.dev|alice@example.com|team-x");
+        assert_eq!(scope_digest(&scope), "4d10eafbb53d5a8b");
+        // The public legacy fixture's scope A.
+        let a = queue_scope("https://spec-kitty-dev.fly.dev", Some("alice@example.com"), Some("team-alpha"));
+        assert_eq!(scope_digest(&a), "f7b048d5c00bc4e2");
+    }
+
+    #[test]
+    fn defaults_without_anything() {
+        let a = TargetAuthority::resolve(&AuthorityInputs::default());
+        assert_eq!(a.resolved_server_url, DEFAULT_SERVER_URL);
+        assert_eq!(a.override_mode, OverrideMode::None);
+        assert_eq!(a.queue_db_path, "queue.db");
+        assert_eq!(a.active_queue_scope_status, ActiveScopeStatus::Absent);
+        assert!(a.warnings.is_empty());
+    }
+
+    #[test]
+    fn env_override_wins_and_warns() {
+        let inputs = AuthorityInputs {
+            configured_server_url: Some("https://config.example/".into()),
+            env_server_url: Some("https://env.example/".into()),
+            credentials: Some(creds("alice@example.com", Some("team-alpha"))),
+            active_queue_scope: None,
+        };
+        let a = TargetAuthority::resolve(&inputs);
+        assert_eq!(a.resolved_server_url, "https://env.example");
+        assert_eq!(a.override_mode, OverrideMode::ProcessOverride);
+        assert_eq!(a.warnings.len(), 1);
+        assert!(a.warnings[0].contains("https://env.example") && a.warnings[0].contains("https://config.example"));
+        assert!(a.warnings[0].contains(SAAS_URL_ENV));
+        assert_eq!(a.derived_queue_scope, "https://env.example|alice@example.com|team-alpha");
+    }
+
+    #[test]
+    fn env_equal_to_config_is_no_override() {
+        let inputs = AuthorityInputs {
+            configured_server_url: Some("https://Same.example".into()),
+            env_server_url: Some("https://same.example/".into()),
+            ..Default::default()
+        };
+        let a = TargetAuthority::resolve(&inputs);
+        assert_eq!(a.override_mode, OverrideMode::None);
+        assert!(a.warnings.is_empty());
+        let blank = AuthorityInputs { env_server_url: Some("  ".into()), ..Default::default() };
+        assert_eq!(TargetAuthority::resolve(&blank).env_server_url, None);
+    }
+
+    #[test]
+    fn active_scope_is_diagnostic() {
+        let mut inputs = AuthorityInputs {
+            credentials: Some(creds("alice@example.com", Some("team-alpha"))),
+            active_queue_scope: Some("https://spec-kitty-dev.fly.dev|alice@example.com|team-alpha".into()),
+            ..Default::default()
+        };
+        assert_eq!(TargetAuthority::resolve(&inputs).active_queue_scope_status, ActiveScopeStatus::Matches);
+        assert_eq!(TargetAuthority::resolve(&inputs).queue_db_path, "queues/queue-f7b048d5c00bc4e2.db");
+        inputs.active_queue_scope = Some("https://other|x|y".into());
+        assert_eq!(
+            TargetAuthority::resolve(&inputs).active_queue_scope_status,
+            ActiveScopeStatus::StaleNonAuthoritative
+        );
+    }
+
+    #[test]
+    fn truthy_values() {
+        for v in ["1", "true", "YES", "y", "On", " on "] {
+            assert!(is_truthy(v), "{v}");
+        }
+        for v in ["0", "false", "", "enabled"] {
+            assert!(!is_truthy(v), "{v}");
+        }
+    }
+}

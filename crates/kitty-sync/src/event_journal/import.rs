@@ -1,0 +1,231 @@
+//! Bulk capture from JSON Lines. Streams line by line (memory bounded by the longest line),
+//! stores each valid line's bytes verbatim, and runs in one transaction so an all-or-nothing
+//! import that meets a bad line leaves the journal exactly as it was.
+
+use std::collections::HashMap;
+
+use rusqlite::Transaction;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{CapturePolicy, Inserted, Row, count_dropped, insert_row, tick_lamport};
+use crate::envelope::{EnvelopeError, canonical_bytes, canonical_json, is_valid_ulid};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Added as `event_type` to lines that lack one (the only change ever made to a line).
+    pub default_type: Option<String>,
+    /// Write the valid lines and report the bad ones, instead of all or nothing.
+    pub skip_invalid: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportProgress {
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineError {
+    pub line: u64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub captured: u64,
+    pub already_present: u64,
+    pub dropped: u64,
+    pub invalid: Vec<LineError>,
+    /// False when the import was rolled back because of invalid lines.
+    pub committed: bool,
+    pub lines: u64,
+}
+
+enum LineOutcome {
+    Captured,
+    AlreadyPresent,
+    Dropped,
+}
+
+const PROGRESS_EVERY: u64 = 2_000;
+
+pub(super) fn run(
+    tx: &Transaction<'_>,
+    policy: &CapturePolicy,
+    reader: &mut dyn std::io::BufRead,
+    options: &ImportOptions,
+    progress: &mut dyn FnMut(ImportProgress),
+) -> Result<ImportReport> {
+    let mut report = ImportReport::default();
+    let mut dropped: HashMap<String, u64> = HashMap::new();
+    let mut max_lamport: Option<i64> = None;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut seen = ImportProgress::default();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
+            Error::usage(
+                format!("cannot read the input after line {}: {e}", seen.lines),
+                "check that the file is complete (a .gz file must be a whole gzip stream) and readable",
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        seen.lines += 1;
+        seen.bytes += n as u64;
+        let line = trim_line(&buf, seen.lines == 1);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match import_line(tx, policy, options, line, &mut dropped, &mut max_lamport) {
+            Ok(LineOutcome::Captured) => report.captured += 1,
+            Ok(LineOutcome::AlreadyPresent) => report.already_present += 1,
+            Ok(LineOutcome::Dropped) => report.dropped += 1,
+            Err(error) => report.invalid.push(LineError { line: seen.lines, error }),
+        }
+        if seen.lines % PROGRESS_EVERY == 0 {
+            progress(seen);
+        }
+    }
+    progress(seen);
+    report.lines = seen.lines;
+    report.committed = report.invalid.is_empty() || options.skip_invalid;
+    if report.committed {
+        for (event_type, n) in &dropped {
+            count_dropped(tx, event_type, *n)?;
+        }
+        if report.captured > 0 {
+            tick_lamport(tx, max_lamport)?;
+        }
+    } else {
+        report.captured = 0;
+        report.already_present = 0;
+        report.dropped = 0;
+    }
+    Ok(report)
+}
+
+/// Removes the line ending (and a UTF-8 byte-order mark on the first line).
+fn trim_line(buf: &[u8], first: bool) -> &[u8] {
+    let mut line = buf;
+    if let Some(rest) = line.strip_suffix(b"\n") {
+        line = rest;
+    }
+    if let Some(rest) = line.strip_suffix(b"\r") {
+        line = rest;
+    }
+    if first && let Some(rest) = line.strip_prefix(b"\xEF\xBB\xBF") {
+        line = rest;
+    }
+    line
+}
+
+fn import_line(
+    tx: &Transaction<'_>,
+    policy: &CapturePolicy,
+    options: &ImportOptions,
+    line: &[u8],
+    dropped: &mut HashMap<String, u64>,
+    max_lamport: &mut Option<i64>,
+) -> std::result::Result<LineOutcome, String> {
+    let mut value: Value =
+        serde_json::from_slice(line).map_err(|e| EnvelopeError::InvalidJson(e.to_string()).to_string())?;
+    let (event_id, event_type, patched) = identify(&mut value, line, options)?;
+    let bytes: &[u8] = patched.as_deref().unwrap_or(line);
+    if policy.drops(&event_type, false) {
+        *dropped.entry(event_type).or_default() += 1;
+        return Ok(LineOutcome::Dropped);
+    }
+    let row = Row::captured(policy, &event_id, &event_type, bytes, None);
+    match insert_row(tx, &row).map_err(|e| e.to_string())? {
+        Inserted::New { .. } => {
+            if let Some(clock) = value.get("lamport_clock").and_then(Value::as_i64) {
+                *max_lamport = Some(max_lamport.map_or(clock, |m| m.max(clock)));
+            }
+            Ok(LineOutcome::Captured)
+        }
+        Inserted::Exists { envelope, sha256 } => {
+            let same = match envelope {
+                Some(stored) => canonical_bytes(&stored) == canonical_json(&value).into_bytes(),
+                // Purged by gc: only the hash of the stored bytes is left.
+                None => Sha256::digest(bytes).as_slice() == sha256.as_slice(),
+            };
+            if same {
+                Ok(LineOutcome::AlreadyPresent)
+            } else {
+                Err(format!(
+                    "conflicting event_id {event_id}: the journal already holds different content under this id (stored bytes kept)"
+                ))
+            }
+        }
+    }
+}
+
+/// Validates identity; adds the default type when the line has none, returning the patched
+/// bytes (the original bytes are otherwise kept untouched).
+fn identify(
+    value: &mut Value,
+    line: &[u8],
+    options: &ImportOptions,
+) -> std::result::Result<(String, String, Option<Vec<u8>>), String> {
+    let object = value.as_object_mut().ok_or_else(|| EnvelopeError::NotAnObject.to_string())?;
+    let event_id = match object.get("event_id") {
+        None | Some(Value::Null) => return Err(EnvelopeError::MissingEventId.to_string()),
+        Some(Value::String(id)) if is_valid_ulid(id) => id.clone(),
+        Some(Value::String(id)) => return Err(EnvelopeError::InvalidEventId(id.clone()).to_string()),
+        Some(other) => return Err(EnvelopeError::InvalidEventId(other.to_string()).to_string()),
+    };
+    match object.get("event_type") {
+        Some(Value::String(t)) if !t.trim().is_empty() => Ok((event_id, t.clone(), None)),
+        Some(Value::String(_)) => Err(EnvelopeError::InvalidEventType.to_string()),
+        Some(Value::Null) | None => {
+            let Some(default) = options.default_type.clone() else {
+                return Err(format!("{} (hint: pass --default-type TYPE to add one)", EnvelopeError::MissingEventType));
+            };
+            let had_key = object.contains_key("event_type");
+            object.insert("event_type".into(), Value::String(default.clone()));
+            let patched = if had_key { canonical_json(value).into_bytes() } else { insert_first_key(line, &default) };
+            Ok((event_id, default, Some(patched)))
+        }
+        Some(_) => Err(EnvelopeError::InvalidEventType.to_string()),
+    }
+}
+
+/// `{...}` → `{"event_type":"T",...}`, leaving every other byte as it was.
+fn insert_first_key(line: &[u8], event_type: &str) -> Vec<u8> {
+    let open = line.iter().position(|b| *b == b'{').unwrap_or(0);
+    let key = format!("\"event_type\":{},", Value::String(event_type.to_string()));
+    let mut out = Vec::with_capacity(line.len() + key.len());
+    out.extend_from_slice(&line[..=open]);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&line[open + 1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_type_is_inserted_without_touching_other_bytes() {
+        let line = br#"  {"event_id": "01KVYWRGJEV7CEZW6J7GXEBN16", "x": [1, 2]}"#;
+        let out = insert_first_key(line, "WPStatusChanged");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"  {"event_type":"WPStatusChanged","event_id": "01KVYWRGJEV7CEZW6J7GXEBN16", "x": [1, 2]}"#
+        );
+        let parsed: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["event_type"], "WPStatusChanged");
+    }
+
+    #[test]
+    fn trims_line_endings_and_bom() {
+        assert_eq!(trim_line(b"{}\r\n", false), b"{}");
+        assert_eq!(trim_line(b"\xEF\xBB\xBF{}\n", true), b"{}");
+        assert_eq!(trim_line(b"{}", false), b"{}");
+    }
+}

@@ -1,0 +1,16 @@
+//! kitty-sync engine: an append-only local event journal plus, per event and per delivery
+//! target, a ledger of what was delivered. The engine is synchronous and never prints.
+
+pub mod authority;
+pub mod clock;
+pub mod envelope;
+pub mod event_journal;
+pub mod error;
+pub mod home;
+pub mod inspect;
+pub mod legacy;
+pub mod mode;
+pub mod store;
+pub mod target_url;
+
+pub use error::{Error, ExitClass, Result};

@@ -1,0 +1,290 @@
+//! The one SQLite store under `event-sync/`: journal, targets, ledger and migration audit
+//! change together in one transaction. WAL so appends from other processes proceed while a
+//! drain reads; `synchronous=FULL` so an acknowledged commit survives a machine crash.
+
+pub mod schema;
+pub mod selection;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::error::{Error, Result, StoreContext};
+use crate::home::Home;
+
+/// How long a writer waits for another process's transaction before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const FORMAT_KEY: &str = "store_format";
+const FORMAT_VALUE: &str = "kitty-sync/1";
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens the store for writing, creating the home, `event-sync/` and the database as
+    /// needed, and brings the schema up to date.
+    pub fn open(home: &Home) -> Result<Store> {
+        home.ensure_sync_dir()?;
+        let path = home.store_path();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
+        let mut store = Store { conn, path };
+        store.configure_writer()?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing store without creating or changing any file. `None` when the home
+    /// has no store yet.
+    pub fn open_read_only(home: &Home) -> Result<Option<Store>> {
+        let path = home.store_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        // A clean shutdown leaves no -wal file; then `immutable` reads the database without
+        // creating -wal/-shm (a read-only command creates no file, and works on a read-only
+        // home). With a -wal present a writer may be active: read through the WAL.
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let mode = if wal.exists() { "mode=ro" } else { "immutable=1" };
+        let uri = format!("file:{}?{mode}", uri_escape(&path));
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
+        let store = Store { conn, path };
+        let version = store.user_version()?;
+        if version == 0 && !store.has_table("meta")? {
+            return Ok(None);
+        }
+        store.check_version(version)?;
+        store.check_format()?;
+        Ok(Some(store))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    /// Size of the database file plus its WAL, in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        let main = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let wal = std::fs::metadata(format!("{}-wal", self.path.display())).map(|m| m.len()).unwrap_or(0);
+        main + wal
+    }
+
+    fn configure_writer(&self) -> Result<()> {
+        self.conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&self.path, e))?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| open_error(&self.path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::StoreUnusable {
+                message: format!("{}: cannot switch the store to WAL mode (got {mode})", self.path.display()),
+                hint: "the file system may not support shared memory (e.g. a network share); move the home to a local disk".into(),
+            });
+        }
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;")
+            .map_err(|e| open_error(&self.path, e))
+    }
+
+    fn user_version(&self) -> Result<i64> {
+        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| open_error(&self.path, e))
+    }
+
+    fn has_table(&self, name: &str) -> Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1", [name], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| open_error(&self.path, e))
+    }
+
+    fn check_version(&self, version: i64) -> Result<()> {
+        if version > schema::LATEST_VERSION {
+            return Err(Error::StoreUnusable {
+                message: format!(
+                    "{} was written by a newer kitty-sync (store schema {version}; this binary knows up to {})",
+                    self.path.display(),
+                    schema::LATEST_VERSION
+                ),
+                hint: "upgrade kitty-sync; nothing was changed".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_format(&self) -> Result<()> {
+        let format: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [FORMAT_KEY], |r| r.get(0))
+            .optional()
+            .map_err(|e| open_error(&self.path, e))?;
+        match format.as_deref() {
+            Some(FORMAT_VALUE) => Ok(()),
+            _ => Err(not_our_store(&self.path)),
+        }
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version = self.user_version()?;
+        self.check_version(version)?;
+        if version == schema::LATEST_VERSION {
+            return self.check_format();
+        }
+        if version == 0 && self.has_any_table()? {
+            return Err(not_our_store(&self.path));
+        }
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| open_error(&path, e))?;
+        // Another process may have migrated while we waited for the write lock.
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).ctx("cannot read the store version")?;
+        for (index, step) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(step).ctx(&format!("cannot apply store migration {}", index + 1))?;
+        }
+        if version == 0 {
+            let node_id = new_node_id();
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2), ('node_id', ?3), ('lamport_clock', '0'), ('created_at', ?4)",
+                rusqlite::params![FORMAT_KEY, FORMAT_VALUE, node_id, crate::clock::now_ms().to_string()],
+            )
+            .ctx("cannot initialise the store")?;
+        }
+        tx.pragma_update(None, "user_version", schema::LATEST_VERSION).ctx("cannot record the store version")?;
+        tx.commit().ctx("cannot commit the store migration")
+    }
+
+    fn has_any_table(&self) -> Result<bool> {
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type='table'", [], |r| r.get::<_, i64>(0))
+            .map(|n| n > 0)
+            .map_err(|e| open_error(&self.path, e))
+    }
+
+    /// A value from the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT value FROM meta WHERE key=?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .ctx("cannot read store metadata")
+    }
+
+    /// This home's stable node id (12 hex characters), created with the store.
+    pub fn node_id(&self) -> Result<String> {
+        self.meta("node_id")?.ok_or_else(|| not_our_store(&self.path))
+    }
+}
+
+fn new_node_id() -> String {
+    let bytes: [u8; 6] = rand::random();
+    hex::encode(bytes)
+}
+
+fn uri_escape(path: &Path) -> String {
+    let mut out = String::new();
+    for ch in path.to_string_lossy().chars() {
+        match ch {
+            '?' | '#' | '%' => out.push_str(&format!("%{:02X}", ch as u32)),
+            _ => out.push(ch),
+        }
+    }
+    out
+}
+
+fn not_our_store(path: &Path) -> Error {
+    Error::StoreUnusable {
+        message: format!("{} is not a kitty-sync store", path.display()),
+        hint: "move the file aside (kitty-sync never overwrites it); a new store is created on the next capture".into(),
+    }
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt) => Error::StoreUnusable {
+            message: format!("{} is damaged or not a database: {e}", path.display()),
+            hint: "restore event-sync/ from a backup, or move the file aside to start a new store".into(),
+        },
+        Some(rusqlite::ErrorCode::CannotOpen) | Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::PermissionDenied) => {
+            Error::Store {
+                context: format!("cannot open the store {}", path.display()),
+                hint: format!("check that {} and its directory are readable and writable", path.display()),
+                source: e,
+            }
+        }
+        _ => Error::store(format!("cannot open the store {}", path.display()), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let node = Store::open(&home).unwrap().node_id().unwrap();
+        assert_eq!(node.len(), 12);
+        assert_eq!(Store::open(&home).unwrap().node_id().unwrap(), node, "node id is stable");
+        let ro = Store::open_read_only(&home).unwrap().unwrap();
+        assert_eq!(ro.node_id().unwrap(), node);
+    }
+
+    #[test]
+    fn read_only_open_of_missing_store_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(&dir.path().join("nope"));
+        assert!(Store::open_read_only(&home).unwrap().is_none());
+        assert!(!dir.path().join("nope").exists());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        drop(Store::open(&home).unwrap());
+        let conn = Connection::open(home.store_path()).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&home).err().unwrap();
+        assert!(err.to_string().contains("newer kitty-sync"), "{err}");
+        assert!(Store::open_read_only(&home).err().unwrap().to_string().contains("newer"));
+    }
+
+    #[test]
+    fn garbage_file_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        home.ensure_sync_dir().unwrap();
+        std::fs::write(home.store_path(), vec![b'x'; 4096]).unwrap();
+        let err = Store::open(&home).err().unwrap();
+        assert_eq!(err.exit_code(), 1);
+        assert!(err.to_string().contains("not a database"), "{err}");
+        assert_eq!(std::fs::read(home.store_path()).unwrap(), vec![b'x'; 4096]);
+    }
+
+    #[test]
+    fn foreign_sqlite_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        home.ensure_sync_dir().unwrap();
+        Connection::open(home.store_path()).unwrap().execute_batch("CREATE TABLE other(x)").unwrap();
+        let err = Store::open(&home).err().unwrap();
+        assert!(err.to_string().contains("not a kitty-sync store"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! Numbered schema migrations, applied in order; `PRAGMA user_version` records the last one.
+//! Never edit a released step: add a new one.
+
+/// Step N (1-based) brings the store from version N-1 to N.
+pub const MIGRATIONS: &[&str] = &[V1];
+
+pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Version 1: journal, payloads, targets, ledger with attempts, drop counters, migration
+/// provenance and conflicts.
+///
+/// Why the payload lives in its own table: status counts, selection and gc scan event
+/// metadata only; keeping the envelope bytes out of `events` keeps those scans to a few
+/// dozen bytes per row at a million events.
+const V1: &str = r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- One row per captured event, in capture order (seq). Never deleted.
+-- state: 0 retained, 1 archived (payload kept), 2 purged (payload removed by gc).
+CREATE TABLE events (
+    seq                  INTEGER PRIMARY KEY,
+    event_id             TEXT NOT NULL UNIQUE,
+    event_type           TEXT NOT NULL,
+    state                INTEGER NOT NULL DEFAULT 0,
+    payload_bytes        INTEGER NOT NULL,
+    captured_at          INTEGER NOT NULL,
+    payload_sha256       BLOB NOT NULL,
+    capture_team         TEXT,
+    drain_blocked_reason TEXT,
+    coalesce_key         TEXT,
+    coalesced_into       TEXT,
+    archived_at          INTEGER,
+    purged_at            INTEGER
+);
+CREATE INDEX events_by_state ON events (state, captured_at, payload_bytes);
+CREATE INDEX events_by_coalesce_key ON events (coalesce_key, seq)
+    WHERE coalesce_key IS NOT NULL AND coalesced_into IS NULL;
+CREATE INDEX events_by_blocked_reason ON events (drain_blocked_reason)
+    WHERE drain_blocked_reason IS NOT NULL;
+
+-- The stored envelope bytes, exactly as captured. Only gc deletes a row here.
+CREATE TABLE payloads (
+    seq      INTEGER PRIMARY KEY,
+    envelope BLOB NOT NULL
+);
+
+-- Events dropped by an explicit opt-out rule, counted per type.
+CREATE TABLE dropped_events (
+    event_type TEXT PRIMARY KEY,
+    count      INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Delivery targets. Identity = (canonical_url, team_slug, user_email); deployment metadata
+-- is provenance only. epoch increases when the operator re-drains a reset target; ledger
+-- rows of older epochs are history. due_from_seq: every event with a smaller seq is settled
+-- for the current epoch (a high-water mark that lets a no-op drain skip the whole journal).
+CREATE TABLE targets (
+    id                 INTEGER PRIMARY KEY,
+    target_id          TEXT NOT NULL UNIQUE,
+    kind               TEXT NOT NULL,
+    canonical_url      TEXT NOT NULL,
+    team_slug          TEXT NOT NULL DEFAULT '',
+    user_email         TEXT NOT NULL DEFAULT '',
+    server_instance_id TEXT,
+    deployment_id      TEXT,
+    environment_name   TEXT,
+    git_sha            TEXT,
+    first_seen_at      INTEGER NOT NULL,
+    last_seen_at       INTEGER NOT NULL,
+    epoch              INTEGER NOT NULL DEFAULT 0,
+    due_from_seq       INTEGER NOT NULL DEFAULT 0,
+    reset_detected     TEXT,
+    UNIQUE (canonical_url, team_slug, user_email)
+);
+
+-- Per event x target x epoch delivery state.
+CREATE TABLE ledger (
+    target             INTEGER NOT NULL,
+    epoch              INTEGER NOT NULL,
+    seq                INTEGER NOT NULL,
+    status             TEXT NOT NULL,
+    attempt_count      INTEGER NOT NULL DEFAULT 0,
+    reject_count       INTEGER NOT NULL DEFAULT 0,
+    first_attempted_at INTEGER,
+    last_attempted_at  INTEGER,
+    completed_at       INTEGER,
+    last_http_status   INTEGER,
+    last_error         TEXT,
+    PRIMARY KEY (target, epoch, seq)
+) WITHOUT ROWID;
+CREATE INDEX ledger_by_event ON ledger (seq, status);
+CREATE INDEX ledger_by_status ON ledger (target, epoch, status);
+
+-- Every attempt, kept forever.
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    target      INTEGER NOT NULL,
+    epoch       INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    http_status INTEGER,
+    error       TEXT
+);
+CREATE INDEX attempts_by_event ON attempts (seq, target, id);
+
+-- Legacy migration: where each event came from, and content that disagreed.
+CREATE TABLE migration_provenance (
+    seq            INTEGER NOT NULL,
+    source         TEXT NOT NULL,
+    source_path    TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    recorded_at    INTEGER NOT NULL,
+    PRIMARY KEY (seq, source)
+) WITHOUT ROWID;
+
+CREATE TABLE migration_conflicts (
+    id                INTEGER PRIMARY KEY,
+    event_id          TEXT NOT NULL,
+    source            TEXT NOT NULL,
+    source_path       TEXT NOT NULL,
+    existing_sha256   TEXT NOT NULL,
+    incoming_sha256   TEXT NOT NULL,
+    incoming_envelope BLOB NOT NULL,
+    detected_at       INTEGER NOT NULL,
+    resolved_at       INTEGER,
+    resolution        TEXT,
+    UNIQUE (event_id, source)
+);
+
+CREATE TABLE migrated_sources (
+    path        TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,
+    migrated_at INTEGER NOT NULL,
+    rows_read   INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;

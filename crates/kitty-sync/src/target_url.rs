@@ -1,0 +1,103 @@
+//! Canonical target URLs (contract §6): the identity part of a delivery target.
+
+use std::net::IpAddr;
+
+use url::{Host, Url};
+
+use crate::error::{Error, Result};
+
+/// A validated URL and its canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    /// What the operator gave, trimmed (used verbatim for external endpoints).
+    pub raw: String,
+    /// Scheme and host lower-cased, IDNA host, default port dropped, no trailing `/`,
+    /// no query, fragment or user info.
+    pub canonical: String,
+    /// `scheme://host[:port]`, where the health endpoint lives.
+    pub origin: String,
+}
+
+/// Validates and canonicalises an operator-supplied URL.
+pub fn canonicalize(input: &str) -> Result<TargetUrl> {
+    let raw = input.trim();
+    let url = Url::parse(raw).map_err(|e| invalid(raw, &e.to_string()))?;
+    let scheme = url.scheme();
+    if scheme != "https" && scheme != "http" {
+        return Err(invalid(raw, &format!("scheme {scheme:?} is not supported")));
+    }
+    let host = url.host().ok_or_else(|| invalid(raw, "it has no host"))?;
+    if scheme == "http" && !is_loopback(&host) {
+        return Err(Error::usage(
+            format!("invalid URL {raw:?}: http:// is accepted only for loopback hosts"),
+            "use https:// for remote servers (http:// is allowed for localhost, 127.0.0.0/8 and [::1])",
+        ));
+    }
+    let host_text = match &host {
+        Host::Domain(d) => d.trim_end_matches('.').to_string(),
+        Host::Ipv4(ip) => ip.to_string(),
+        Host::Ipv6(ip) => format!("[{ip}]"),
+    };
+    if host_text.is_empty() {
+        return Err(invalid(raw, "it has no host"));
+    }
+    // `Url` already drops the scheme's default port.
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let origin = format!("{scheme}://{host_text}{port}");
+    let path = url.path().trim_end_matches('/');
+    Ok(TargetUrl { raw: raw.to_string(), canonical: format!("{origin}{path}"), origin })
+}
+
+fn invalid(raw: &str, why: &str) -> Error {
+    Error::usage(
+        format!("invalid URL {raw:?}: {why}"),
+        "give a full URL with scheme and host, e.g. https://teamspace.example.com or http://127.0.0.1:8787",
+    )
+}
+
+fn is_loopback(host: &Host<&str>) -> bool {
+    match host {
+        Host::Domain(d) => d.eq_ignore_ascii_case("localhost") || d.eq_ignore_ascii_case("localhost."),
+        Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
+        Host::Ipv6(ip) => ip.is_loopback(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(s: &str) -> String {
+        canonicalize(s).unwrap().canonical
+    }
+
+    #[test]
+    fn canonical_forms() {
+        assert_eq!(canon("HTTPS://Example.COM:443/api/"), "https://example.com/api");
+        assert_eq!(canon("https://example.com/"), "https://example.com");
+        assert_eq!(canon("https://example.com:8443/a//"), "https://example.com:8443/a");
+        assert_eq!(canon("https://h.io:80/"), "https://h.io:80");
+        assert_eq!(canon("https://example.com/x?q=1#frag"), "https://example.com/x");
+        assert_eq!(canon("https://user:secret@example.com/x"), "https://example.com/x");
+        assert_eq!(canon("https://bücher.de/"), "https://xn--bcher-kva.de");
+        assert_eq!(canon("http://[::1]:8080/a"), "http://[::1]:8080/a");
+        assert_eq!(canon("http://127.0.0.5:80/"), "http://127.0.0.5");
+        assert_eq!(canon("http://LOCALHOST:8787/api/v1/events/batch/"), "http://localhost:8787/api/v1/events/batch");
+        assert_eq!(canon("  https://example.com/Path/ "), "https://example.com/Path");
+    }
+
+    #[test]
+    fn origin_is_scheme_host_port() {
+        let t = canonicalize("http://127.0.0.1:9000/api/v1/events/batch/").unwrap();
+        assert_eq!(t.origin, "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn invalid_urls_are_usage_errors() {
+        for bad in ["ftp://x", "https://", "http://example.com", "example.com", "", "not a url", "http://10.0.0.1/"] {
+            let err = canonicalize(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            assert!(!err.hint().is_empty());
+        }
+    }
+}
