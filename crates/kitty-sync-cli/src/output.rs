@@ -109,3 +109,33 @@ impl Progress {
         }
     }
 }
+
+impl Progress {
+    /// A bar with a known total (falls back to a counter while the total is unknown).
+    pub fn bar(printer: &Printer, label: &'static str) -> Progress {
+        if !printer.show_progress() {
+            return Progress { bar: None };
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} events ({per_sec}, eta {eta})")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(label);
+        Progress { bar: Some(bar) }
+    }
+
+    pub fn is_visible(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    pub fn update(&self, position: u64, total: Option<u64>) {
+        if let Some(bar) = &self.bar {
+            if let Some(total) = total {
+                bar.set_length(total);
+            }
+            bar.set_position(position);
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod clock;
+pub mod delivery;
 pub mod envelope;
 pub mod event_journal;
 pub mod error;

@@ -2,7 +2,10 @@ pub mod emit;
 pub mod inspect;
 pub mod migrate;
 pub mod mode;
+pub mod now;
+pub mod retry;
 pub mod server;
+pub mod target;
 
 use std::path::Path;
 

@@ -1,0 +1,156 @@
+//! `kitty-sync now`: drain the journal to the active target.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use kitty_sync::Error;
+use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, StopReason, drain};
+use kitty_sync::delivery::lock;
+use kitty_sync::delivery::target::TargetKind;
+use kitty_sync::home::write_atomically;
+use kitty_sync::store::Store;
+use serde::Serialize;
+
+use super::Context;
+use crate::output::Printer;
+
+#[derive(Args, Debug)]
+pub struct NowArgs {
+    /// Deliver at most N events this run
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Events per batch
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch_events: u64,
+    /// Uncompressed bytes per batch body
+    #[arg(long, value_name = "N", default_value_t = 512 * 1024, value_parser = clap::value_parser!(u64).range(64..))]
+    batch_bytes: u64,
+    /// Re-sends of a batch after a transient failure
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    retries: u32,
+    /// Request timeout in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+    /// Wait up to SECS for another drain to finish (default: do not wait)
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    wait: f64,
+    /// Also write the JSON report to PATH
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct NowReport<'a> {
+    mode: &'static str,
+    #[serde(flatten)]
+    summary: Option<&'a DrainSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+    let ctx = Context::load(home_flag)?;
+    let mode = ctx.config.mode()?;
+    let timeout = seconds(args.timeout, "--timeout")?;
+    let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {
+        let note = format!("Event sync mode {mode}: events are retained locally; nothing is delivered in this mode.");
+        emit_report(&NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()) }, &args, printer)?;
+        printer.line(note);
+        return Ok(0);
+    };
+    let _lock = lock::acquire(&ctx.home, seconds(args.wait, "--wait")?, "`kitty-sync now`")?;
+    let mut store = Store::open(&ctx.home)?;
+    let options = DrainOptions {
+        limit: args.limit,
+        batch_events: args.batch_events as usize,
+        batch_bytes: args.batch_bytes as usize,
+        retries: args.retries,
+        ..DrainOptions::default()
+    };
+    let bar = crate::output::Progress::bar(printer, "delivering");
+    let summary = drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| {
+        bar.update(done, total)
+    });
+    bar.finish();
+    let summary = summary?;
+    emit_report(&NowReport { mode: mode.display_name(), summary: Some(&summary), note: None }, &args, printer)?;
+    print_failures(&summary, printer);
+    printer.line(final_line(&summary, mode.display_name()));
+    exit_code(&summary, printer)
+}
+
+fn seconds(value: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        Error::usage(format!("invalid {flag} {value}: expected a non-negative number of seconds"), "e.g. 30 or 0.5")
+            .into()
+    })
+}
+
+fn emit_report(report: &NowReport<'_>, args: &NowArgs, printer: &Printer) -> Result<()> {
+    if printer.json {
+        printer.json_doc(report);
+    }
+    if let Some(path) = &args.report {
+        let text = serde_json::to_vec_pretty(report)?;
+        write_atomically(path, &text, None)?;
+    }
+    Ok(())
+}
+
+fn print_failures(summary: &DrainSummary, printer: &Printer) {
+    let shown = if printer.verbose > 0 { summary.failures.len() } else { 10 };
+    for f in summary.failures.iter().take(shown) {
+        let http = f.http_status.map(|s| format!(" HTTP {s}")).unwrap_or_default();
+        let error = f.error.as_deref().unwrap_or("");
+        printer.note(format!("  {} {}{http} {error}", f.event_id, f.outcome.as_str()));
+    }
+    let hidden = summary.failures.len().saturating_sub(shown);
+    if hidden > 0 {
+        printer.note(format!("  … and {hidden} more (use -v, `--json` or `--report PATH`)"));
+    }
+}
+
+pub fn final_line(s: &DrainSummary, mode: &str) -> String {
+    format!(
+        "Delivered {}, duplicate {}, rejected {}, parked {}, transient {}, pending {} → {} ({mode}) in {}",
+        s.delivered,
+        s.duplicate,
+        s.rejected,
+        s.terminal_failed,
+        s.transient,
+        s.pending,
+        s.target.canonical_url,
+        human_duration(s.elapsed_ms)
+    )
+}
+
+fn human_duration(ms: u64) -> String {
+    if ms < 1000 { format!("{ms} ms") } else { format!("{:.2} s", ms as f64 / 1000.0) }
+}
+
+fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<u8> {
+    match &summary.stop {
+        Some(StopReason::Auth { error }) => {
+            let hint = match summary.target.kind {
+                TargetKind::Teamspace => "log in again with spec-kitty (`spec-kitty auth login`), then run `kitty-sync now`",
+                TargetKind::External => "check the token in the variable named by [event_sync] external_token_env",
+            };
+            Err(Error::blocked(format!("the receiver refused our credentials ({error}); delivery stopped"), hint).into())
+        }
+        Some(StopReason::Transient { error }) => {
+            printer.warn(format!("delivery stopped after retries: {error}"));
+            printer.note("hint: nothing was lost; run `kitty-sync now` again when the receiver is reachable");
+            Ok(4)
+        }
+        None if summary.complete() => Ok(0),
+        None => {
+            printer.note(
+                "hint: some events were not delivered; `kitty-sync now` re-sends pending/transient ones, \
+                 `kitty-sync retry --all-parked [--rejected]` requeues parked/rejected ones",
+            );
+            Ok(4)
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Delivery targets: identity (canonical URL + team + user), registration on first use, and
+//! the deployment metadata a target's health endpoint reports (provenance, never identity).
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::envelope::sha256_hex;
+use crate::error::{Result, StoreContext};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    Teamspace,
+    External,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Teamspace => "teamspace",
+            TargetKind::External => "external",
+        }
+    }
+}
+
+/// What makes a target itself. A new identity is a new target: every retained event is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetIdentity {
+    pub kind: TargetKind,
+    pub canonical_url: String,
+    pub team_slug: String,
+    pub user_email: String,
+}
+
+impl TargetIdentity {
+    /// `tgt_<team or anon>_<32 hex>`, stable for the identity (spec-kitty 3.2.4's rule).
+    pub fn target_id(&self) -> String {
+        let url_hash = sha256_hex(self.canonical_url.as_bytes());
+        let digest = sha256_hex(format!("{url_hash}\0{}\0{}", self.team_slug, self.user_email).as_bytes());
+        let scope: String = if self.team_slug.is_empty() {
+            "anon".into()
+        } else {
+            self.team_slug.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
+        };
+        format!("tgt_{scope}_{}", &digest[..32])
+    }
+}
+
+/// Health-endpoint facts about the server behind a target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeploymentMetadata {
+    pub server_instance_id: Option<String>,
+    pub deployment_id: Option<String>,
+    pub environment_name: Option<String>,
+    pub git_sha: Option<String>,
+}
+
+/// A registered target as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRecord {
+    /// Internal row id (ledger key).
+    pub id: i64,
+    pub target_id: String,
+    pub identity: TargetIdentity,
+    pub deployment: DeploymentMetadata,
+    pub first_seen_at: i64,
+    pub last_seen_at: i64,
+    pub epoch: i64,
+    pub due_from_seq: i64,
+}
+
+const TARGET_COLUMNS: &str = "id, target_id, kind, canonical_url, team_slug, user_email, server_instance_id,
+    deployment_id, environment_name, git_sha, first_seen_at, last_seen_at, epoch, due_from_seq";
+
+fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<TargetRecord> {
+    let kind: String = r.get(2)?;
+    Ok(TargetRecord {
+        id: r.get(0)?,
+        target_id: r.get(1)?,
+        identity: TargetIdentity {
+            kind: if kind == "teamspace" { TargetKind::Teamspace } else { TargetKind::External },
+            canonical_url: r.get(3)?,
+            team_slug: r.get(4)?,
+            user_email: r.get(5)?,
+        },
+        deployment: DeploymentMetadata {
+            server_instance_id: r.get(6)?,
+            deployment_id: r.get(7)?,
+            environment_name: r.get(8)?,
+            git_sha: r.get(9)?,
+        },
+        first_seen_at: r.get(10)?,
+        last_seen_at: r.get(11)?,
+        epoch: r.get(12)?,
+        due_from_seq: r.get(13)?,
+    })
+}
+
+/// Registers the identity on first use (or touches `last_seen_at`) and returns the record.
+pub fn register(conn: &Connection, identity: &TargetIdentity, now_ms: i64) -> Result<TargetRecord> {
+    conn.execute(
+        "INSERT INTO targets (target_id, kind, canonical_url, team_slug, user_email, first_seen_at, last_seen_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT(canonical_url, team_slug, user_email) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+        params![
+            identity.target_id(),
+            identity.kind.as_str(),
+            identity.canonical_url,
+            identity.team_slug,
+            identity.user_email,
+            now_ms
+        ],
+    )
+    .ctx("cannot register the delivery target")?;
+    find(conn, identity)?.ok_or_else(|| crate::Error::internal("target vanished after registration", "run again"))
+}
+
+/// The stored record for an identity, if it was ever registered (read-only).
+pub fn find(conn: &Connection, identity: &TargetIdentity) -> Result<Option<TargetRecord>> {
+    conn.query_row(
+        &format!("SELECT {TARGET_COLUMNS} FROM targets WHERE canonical_url = ?1 AND team_slug = ?2 AND user_email = ?3"),
+        params![identity.canonical_url, identity.team_slug, identity.user_email],
+        read_record,
+    )
+    .optional()
+    .ctx("cannot read delivery targets")
+}
+
+/// Every known target, oldest first.
+pub fn list(conn: &Connection) -> Result<Vec<TargetRecord>> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {TARGET_COLUMNS} FROM targets ORDER BY first_seen_at, id"))
+        .ctx("cannot read delivery targets")?;
+    let rows = stmt.query_map([], read_record).ctx("cannot read delivery targets")?;
+    rows.collect::<std::result::Result<_, _>>().ctx("cannot read delivery targets")
+}
+
+/// Records what the health endpoint said (only the fields it reported).
+pub fn record_deployment(conn: &Connection, target: i64, meta: &DeploymentMetadata) -> Result<()> {
+    conn.execute(
+        "UPDATE targets SET server_instance_id = coalesce(?2, server_instance_id),
+             deployment_id = coalesce(?3, deployment_id), environment_name = coalesce(?4, environment_name),
+             git_sha = coalesce(?5, git_sha)
+         WHERE id = ?1",
+        params![target, meta.server_instance_id, meta.deployment_id, meta.environment_name, meta.git_sha],
+    )
+    .map(|_| ())
+    .ctx("cannot record deployment metadata")
+}
+
+/// Moves the settled high-water mark (see the schema): only ever set by a drain that walked
+/// the journal in order, or lowered by an operator action that makes events due again.
+pub fn set_due_from(conn: &Connection, target: i64, seq: i64) -> Result<()> {
+    conn.execute("UPDATE targets SET due_from_seq = ?2 WHERE id = ?1", params![target, seq])
+        .map(|_| ())
+        .ctx("cannot update the target's delivery position")
+}
+
+pub fn lower_due_from(conn: &Connection, target: i64, seq: i64) -> Result<()> {
+    conn.execute("UPDATE targets SET due_from_seq = min(due_from_seq, ?2) WHERE id = ?1", params![target, seq])
+        .map(|_| ())
+        .ctx("cannot update the target's delivery position")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::home::Home;
+    use crate::store::Store;
+
+    fn external(url: &str) -> TargetIdentity {
+        TargetIdentity {
+            kind: TargetKind::External,
+            canonical_url: url.into(),
+            team_slug: String::new(),
+            user_email: String::new(),
+        }
+    }
+
+    #[test]
+    fn target_ids_are_stable_and_scoped() {
+        let a = external("http://127.0.0.1:1");
+        assert_eq!(a.target_id(), external("http://127.0.0.1:1").target_id());
+        assert!(a.target_id().starts_with("tgt_anon_"));
+        assert_eq!(a.target_id().len(), "tgt_anon_".len() + 32);
+        let team = TargetIdentity { team_slug: "Tëam-1".into(), kind: TargetKind::Teamspace, ..a.clone() };
+        assert!(team.target_id().starts_with("tgt_T_am_1_"), "{}", team.target_id());
+        assert_ne!(team.target_id(), a.target_id());
+    }
+
+    #[test]
+    fn registration_is_idempotent_and_touches_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Home::at(dir.path())).unwrap();
+        let first = register(store.conn(), &external("https://a.example"), 1_000).unwrap();
+        let again = register(store.conn(), &external("https://a.example"), 2_000).unwrap();
+        assert_eq!(first.id, again.id);
+        assert_eq!(again.first_seen_at, 1_000);
+        assert_eq!(again.last_seen_at, 2_000);
+        let other = register(store.conn(), &external("https://b.example"), 3_000).unwrap();
+        assert_ne!(other.id, first.id);
+        assert_eq!(list(store.conn()).unwrap().len(), 2);
+        record_deployment(
+            store.conn(),
+            first.id,
+            &DeploymentMetadata { server_instance_id: Some("s1".into()), ..Default::default() },
+        )
+        .unwrap();
+        let found = find(store.conn(), &external("https://a.example")).unwrap().unwrap();
+        assert_eq!(found.deployment.server_instance_id.as_deref(), Some("s1"));
+    }
+}
