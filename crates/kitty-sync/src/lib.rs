@@ -11,6 +11,7 @@ pub mod home;
 pub mod inspect;
 pub mod legacy;
 pub mod mode;
+pub mod status;
 pub mod store;
 pub mod target_url;
 

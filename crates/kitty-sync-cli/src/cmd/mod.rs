@@ -5,6 +5,7 @@ pub mod mode;
 pub mod now;
 pub mod retry;
 pub mod server;
+pub mod status;
 pub mod target;
 
 use std::path::Path;

@@ -183,19 +183,12 @@ fn empty_summary(record: &TargetRecord) -> DrainSummary {
     }
 }
 
-/// How many events are due (for a progress total only: it walks the due range once).
+/// How many events are due (for a progress total only).
 fn count_due(store: &Store, record: &TargetRecord, team: Option<&str>) -> Result<u64> {
-    let mut total = 0u64;
-    let mut from = record.due_from_seq;
-    loop {
-        let page = select_due(
-            store.conn(),
-            DueQuery { target: record.id, epoch: record.epoch, team, from_seq: from, limit: 10_000 },
-        )?;
-        let Some(last) = page.last() else { return Ok(total) };
-        total += page.len() as u64;
-        from = last.seq + 1;
-    }
+    crate::store::selection::count_due(
+        store.conn(),
+        DueQuery { target: record.id, epoch: record.epoch, team, from_seq: record.due_from_seq, limit: 0 },
+    )
 }
 
 /// The settled prefix: every event with a smaller seq needs nothing more from this target.

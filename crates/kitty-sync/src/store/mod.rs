@@ -4,6 +4,7 @@
 
 pub mod schema;
 pub mod selection;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

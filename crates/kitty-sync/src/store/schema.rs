@@ -33,13 +33,17 @@ CREATE TABLE events (
     coalesce_key         TEXT,
     coalesced_into       TEXT,
     archived_at          INTEGER,
-    purged_at            INTEGER
+    purged_at            INTEGER,
+    -- Targets that terminally received the event in their current epoch (trigger-maintained).
+    delivered_targets    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX events_by_state ON events (state, captured_at, payload_bytes);
 CREATE INDEX events_by_coalesce_key ON events (coalesce_key, seq)
     WHERE coalesce_key IS NOT NULL AND coalesced_into IS NULL;
+-- Retained events blocked at capture that no target has received yet.
 CREATE INDEX events_by_blocked_reason ON events (drain_blocked_reason)
-    WHERE drain_blocked_reason IS NOT NULL;
+    WHERE drain_blocked_reason IS NOT NULL AND state = 0 AND delivered_targets = 0;
+CREATE INDEX events_by_capture_team ON events (capture_team, state) WHERE capture_team IS NOT NULL;
 
 -- The stored envelope bytes, exactly as captured. Only gc deletes a row here.
 CREATE TABLE payloads (
@@ -130,6 +134,95 @@ CREATE TABLE migration_conflicts (
     resolution        TEXT,
     UNIQUE (event_id, source)
 );
+
+-- Counters that status reads in O(1), kept exact by the triggers below inside the same
+-- transactions as the rows they count (aggregating a million rows would take seconds).
+CREATE TABLE stats (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO stats (key) VALUES ('retained'), ('retained_bytes'), ('archived'), ('purged'), ('coalesced'),
+    ('delivered_any');
+
+-- Per target and epoch: ledger rows by status, and 'exclusive' = events whose only terminal
+-- delivery is to this target (so "delivered to another target" = delivered_any - exclusive).
+CREATE TABLE target_stats (
+    target INTEGER NOT NULL,
+    epoch  INTEGER NOT NULL,
+    key    TEXT NOT NULL,
+    value  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (target, epoch, key)
+) WITHOUT ROWID;
+
+CREATE TRIGGER targets_stats_rows AFTER INSERT ON targets BEGIN
+    INSERT INTO target_stats (target, epoch, key)
+    SELECT NEW.id, NEW.epoch, k.column1 FROM (VALUES ('success'), ('duplicate'), ('pending'), ('failed_transient'),
+        ('rejected'), ('terminal_failed'), ('exclusive')) AS k;
+END;
+CREATE TRIGGER targets_epoch_stats_rows AFTER UPDATE OF epoch ON targets WHEN NEW.epoch <> OLD.epoch BEGIN
+    INSERT OR IGNORE INTO target_stats (target, epoch, key)
+    SELECT NEW.id, NEW.epoch, k.column1 FROM (VALUES ('success'), ('duplicate'), ('pending'), ('failed_transient'),
+        ('rejected'), ('terminal_failed'), ('exclusive')) AS k;
+END;
+
+CREATE TRIGGER events_counted AFTER INSERT ON events BEGIN
+    UPDATE stats SET value = value + CASE key WHEN 'retained' THEN 1 ELSE NEW.payload_bytes END
+    WHERE key IN ('retained', 'retained_bytes');
+END;
+CREATE TRIGGER events_resized AFTER UPDATE OF payload_bytes ON events
+WHEN NEW.payload_bytes <> OLD.payload_bytes AND NEW.state = 0 BEGIN
+    UPDATE stats SET value = value + NEW.payload_bytes - OLD.payload_bytes WHERE key = 'retained_bytes';
+END;
+CREATE TRIGGER events_state_changed AFTER UPDATE OF state ON events WHEN NEW.state <> OLD.state BEGIN
+    UPDATE stats SET value = value
+        + (CASE WHEN key = 'retained' AND NEW.state = 0 THEN 1 WHEN key = 'retained' AND OLD.state = 0 THEN -1 ELSE 0 END)
+        + (CASE WHEN key = 'archived' AND NEW.state = 1 THEN 1 WHEN key = 'archived' AND OLD.state = 1 THEN -1 ELSE 0 END)
+        + (CASE WHEN key = 'purged' AND NEW.state = 2 THEN 1 WHEN key = 'purged' AND OLD.state = 2 THEN -1 ELSE 0 END)
+        + (CASE WHEN key = 'retained_bytes' AND NEW.state = 0 THEN NEW.payload_bytes
+                WHEN key = 'retained_bytes' AND OLD.state = 0 THEN -OLD.payload_bytes ELSE 0 END)
+    WHERE key IN ('retained', 'archived', 'purged', 'retained_bytes');
+END;
+CREATE TRIGGER events_coalesced AFTER UPDATE OF coalesced_into ON events
+WHEN (NEW.coalesced_into IS NULL) <> (OLD.coalesced_into IS NULL) BEGIN
+    UPDATE stats SET value = value + CASE WHEN NEW.coalesced_into IS NULL THEN -1 ELSE 1 END WHERE key = 'coalesced';
+END;
+
+CREATE TRIGGER ledger_counted AFTER INSERT ON ledger BEGIN
+    UPDATE target_stats SET value = value + 1 WHERE target = NEW.target AND epoch = NEW.epoch AND key = NEW.status;
+END;
+CREATE TRIGGER ledger_recounted AFTER UPDATE OF status ON ledger WHEN NEW.status <> OLD.status BEGIN
+    UPDATE target_stats SET value = value + CASE key WHEN NEW.status THEN 1 ELSE -1 END
+    WHERE target = NEW.target AND epoch = NEW.epoch AND key IN (NEW.status, OLD.status);
+END;
+-- A first terminal delivery for (event, target). Ledger rows are only written for a target's
+-- current epoch and a delivered row is never demoted, so counting up is enough; a re-drain
+-- that starts a new epoch rebuilds these counters (store::stats::rebuild).
+CREATE TRIGGER ledger_delivered_insert AFTER INSERT ON ledger
+WHEN NEW.status IN ('success', 'duplicate') BEGIN
+    UPDATE stats SET value = value + 1
+    WHERE key = 'delivered_any' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
+    UPDATE target_stats SET value = value + 1
+    WHERE target = NEW.target AND epoch = NEW.epoch AND key = 'exclusive'
+      AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
+    UPDATE target_stats SET value = value - 1
+    WHERE key = 'exclusive' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 1
+      AND (target, epoch) IN (SELECT l.target, l.epoch FROM ledger l JOIN targets t ON t.id = l.target AND t.epoch = l.epoch
+                              WHERE l.seq = NEW.seq AND l.status IN ('success', 'duplicate') AND l.target <> NEW.target);
+    UPDATE events SET delivered_targets = delivered_targets + 1 WHERE seq = NEW.seq;
+END;
+CREATE TRIGGER ledger_delivered_update AFTER UPDATE OF status ON ledger
+WHEN NEW.status IN ('success', 'duplicate') AND OLD.status NOT IN ('success', 'duplicate') BEGIN
+    UPDATE stats SET value = value + 1
+    WHERE key = 'delivered_any' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
+    UPDATE target_stats SET value = value + 1
+    WHERE target = NEW.target AND epoch = NEW.epoch AND key = 'exclusive'
+      AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
+    UPDATE target_stats SET value = value - 1
+    WHERE key = 'exclusive' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 1
+      AND (target, epoch) IN (SELECT l.target, l.epoch FROM ledger l JOIN targets t ON t.id = l.target AND t.epoch = l.epoch
+                              WHERE l.seq = NEW.seq AND l.status IN ('success', 'duplicate') AND l.target <> NEW.target);
+    UPDATE events SET delivered_targets = delivered_targets + 1 WHERE seq = NEW.seq;
+END;
 
 CREATE TABLE migrated_sources (
     path        TEXT PRIMARY KEY,

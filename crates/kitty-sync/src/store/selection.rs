@@ -30,6 +30,28 @@ WHERE e.seq >= ?1
 ORDER BY e.seq
 LIMIT ?5";
 
+/// The same predicate as [`SELECT_DUE_SQL`], counting instead of reading payloads.
+pub const COUNT_DUE_SQL: &str = "
+SELECT count(*)
+FROM events AS e
+WHERE e.seq >= ?1
+  AND +e.state = 0
+  AND e.coalesced_into IS NULL
+  AND (?4 IS NULL OR e.capture_team IS NULL OR e.capture_team = ?4)
+  AND NOT EXISTS (
+      SELECT 1 FROM ledger AS l
+      WHERE l.target = ?2 AND l.epoch = ?3 AND l.seq = e.seq
+        AND (l.status IN ('success', 'duplicate', 'terminal_failed')
+             OR (l.status = 'rejected' AND l.reject_count >= 3)))";
+
+/// How many events are due from `query.from_seq` on (`limit` is ignored).
+pub fn count_due(conn: &Connection, query: DueQuery<'_>) -> Result<u64> {
+    conn.prepare_cached(COUNT_DUE_SQL)
+        .and_then(|mut s| s.query_row(params![query.from_seq, query.target, query.epoch, query.team], |r| r.get::<_, i64>(0)))
+        .map(|n| n as u64)
+        .ctx("cannot count due events")
+}
+
 /// One event due for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueEvent {

@@ -1,0 +1,161 @@
+//! `kitty-sync status [--json] [--check]`: read-only report.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use kitty_sync::status::{CurrentDelivery, StatusReport, build};
+
+use super::Context;
+use crate::output::Printer;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Exit 3 when something needs attention (conflicts, unreadable store, blocked delivery)
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+    let ctx = Context::load(home_flag)?;
+    let mode = ctx.config.mode()?;
+    let receiver = super::target::active_receiver(&ctx, mode, Duration::from_secs(5), printer)?;
+    if receiver.is_none() {
+        ctx.warn_authority(printer);
+    }
+    let report = build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref() });
+    if printer.json {
+        printer.json_doc(&report);
+    } else {
+        render(&report, &ctx, printer);
+    }
+    Ok(if args.check { report.exit_code } else { 0 })
+}
+
+struct Style {
+    color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() }
+    }
+}
+
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+pub fn render(r: &StatusReport, ctx: &Context, printer: &Printer) {
+    let style = Style { color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() };
+    let row = |label: &str, value: String| printer.line(format!("{label:<16}{value}"));
+    row("home", ctx.home.root().display().to_string());
+    row("mode", r.mode.clone());
+    let j = &r.event_journal;
+    row(
+        "journal",
+        format!(
+            "{} retained · {} archived · {} purged · {} coalesced · {} dropped",
+            j.retained_event_count,
+            j.archived_event_count,
+            j.purged_event_count,
+            j.coalesced_event_count,
+            j.dropped_event_count
+        ),
+    );
+    row(
+        "",
+        format!(
+            "oldest retained {} · payloads {} · store file {}",
+            j.oldest_retained_event_at.as_deref().unwrap_or("—"),
+            bytes(j.journal_size_bytes),
+            bytes(j.store_file_bytes as i64)
+        ),
+    );
+    render_targets(r, printer, &row);
+    let l = &r.delivery_ledger;
+    row(
+        "delivered",
+        format!("{} to current target · {} to previous targets", l.delivered_current_target, l.delivered_previous_target),
+    );
+    row("undelivered", format!("{} for the current target", l.undelivered_current_target));
+    row(
+        "ledger",
+        format!("{} pending · {} rejected · {} transient · {} parked", l.pending, l.rejected, l.transient, l.terminal_failed),
+    );
+    if !j.drain_blocked.is_empty() {
+        let parts: Vec<String> = j.drain_blocked.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        row("blocked", parts.join(" · "));
+    }
+    if !j.dropped_by_type.is_empty() {
+        let parts: Vec<String> = j.dropped_by_type.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        row("dropped", parts.join(" · "));
+    }
+    render_legacy(r, &row);
+    match &j.gc_suggestion {
+        Some(s) => row("gc", style.paint("33", &format!("suggested: {}", s.reason))),
+        None => row("gc", "not needed".into()),
+    }
+    for warning in &r.target_authority.warnings {
+        row("warning", style.paint("33", warning));
+    }
+    if r.ok {
+        row("status", style.paint("32", "OK"));
+    } else {
+        row("status", style.paint("31", "ATTENTION"));
+        for p in &r.problems {
+            row("", format!("{} (hint: {})", p.message, p.hint));
+        }
+    }
+}
+
+fn render_targets(r: &StatusReport, printer: &Printer, row: &dyn Fn(&str, String)) {
+    match &r.delivery_targets.current {
+        Some(t) => {
+            let seen = t.first_seen_at.as_deref().map(|s| format!(", first seen {s}")).unwrap_or_else(|| ", never drained".into());
+            row("target", format!("{} ({}){seen}", t.canonical_url, t.kind.as_str_for_humans()));
+        }
+        None => row("target", "none (this mode delivers nowhere)".into()),
+    }
+    for t in &r.delivery_targets.previous {
+        row("previous", format!("{} ({}): {} delivered", t.canonical_url, t.kind.as_str_for_humans(), t.delivered_count));
+    }
+    let _ = printer;
+}
+
+fn render_legacy(r: &StatusReport, row: &dyn Fn(&str, String)) {
+    let m = &r.migration_conflicts;
+    if m.count > 0 {
+        row("migration", format!("{} unresolved conflict(s): `kitty-sync migrate conflicts`", m.count));
+    }
+    let q = &r.legacy_queues;
+    if !q.files.is_empty() {
+        let migrated = q.files.iter().filter(|f| f.migrated).count();
+        row(
+            "legacy queues",
+            format!("{} file(s), {} queued event(s), {migrated} migrated", q.files.len(), q.event_count),
+        );
+        if migrated < q.files.len() {
+            row("", "run `kitty-sync migrate` to bring them into the journal".into());
+        }
+    }
+}
+
+trait KindText {
+    fn as_str_for_humans(&self) -> &'static str;
+}
+
+impl KindText for kitty_sync::delivery::target::TargetKind {
+    fn as_str_for_humans(&self) -> &'static str {
+        self.as_str()
+    }
+}
