@@ -3,6 +3,7 @@
 
 mod cmd;
 mod output;
+mod receiver_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the whole story on loopback in a temporary home (two built-in receivers)
+    Demo(cmd::demo::DemoArgs),
     /// Capture events into the journal (one event, or many from JSON Lines)
     Emit(cmd::emit::EmitArgs),
     /// Show or set the sync server URL (the target authority)
@@ -46,19 +49,39 @@ enum Command {
     Mode(cmd::mode::ModeArgs),
     /// Show one event: envelope, capture metadata and per-target delivery history
     Inspect(cmd::inspect::InspectArgs),
+    /// Show what the journal holds and what each target has received (read-only)
+    Status(cmd::status::StatusArgs),
+    /// Deliver the events the active target has not received yet
+    Now(cmd::now::NowArgs),
+    /// Make parked (and rejected) events of the current target due again
+    Retry(cmd::retry::RetryArgs),
+    /// Write fully delivered events to a gzip JSON Lines archive and mark them archived
+    Archive(cmd::retention::ArchiveArgs),
+    /// Purge payload bytes of fully delivered or archived events (history is kept)
+    Gc(cmd::retention::GcArgs),
     /// Import spec-kitty's legacy offline queues (read-only) into the journal
     Migrate(cmd::migrate::MigrateArgs),
+    /// The built-in batch-protocol receiver (serve, dump)
+    #[command(subcommand)]
+    Receiver(receiver_cmd::ReceiverCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let printer = Printer::new(cli.json, cli.quiet, cli.verbose);
     let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args, cli.home.as_deref(), &printer),
         Command::Emit(args) => cmd::emit::run(args, cli.home.as_deref(), &printer),
         Command::Server(args) => cmd::server::run(args, cli.home.as_deref(), &printer),
         Command::Mode(args) => cmd::mode::run(args, cli.home.as_deref(), &printer),
         Command::Inspect(args) => cmd::inspect::run(args, cli.home.as_deref(), &printer),
+        Command::Status(args) => cmd::status::run(args, cli.home.as_deref(), &printer),
+        Command::Now(args) => cmd::now::run(args, cli.home.as_deref(), &printer),
+        Command::Retry(args) => cmd::retry::run(args, cli.home.as_deref(), &printer),
+        Command::Archive(args) => cmd::retention::archive(args, cli.home.as_deref(), &printer),
+        Command::Gc(args) => cmd::retention::gc(args, cli.home.as_deref(), &printer),
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
+        Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

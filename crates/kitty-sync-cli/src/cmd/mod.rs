@@ -1,9 +1,11 @@
+pub mod demo;
 pub mod emit;
 pub mod inspect;
 pub mod migrate;
 pub mod mode;
 pub mod now;
 pub mod retry;
+pub mod retention;
 pub mod server;
 pub mod status;
 pub mod target;

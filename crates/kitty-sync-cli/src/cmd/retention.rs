@@ -1,0 +1,102 @@
+//! `kitty-sync archive` and `kitty-sync gc`: explicit, lock-protected retention commands.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use kitty_sync::Error;
+use kitty_sync::delivery::lock;
+use kitty_sync::delivery::retention::{self, parse_duration_ms};
+use kitty_sync::home::Home;
+use kitty_sync::store::Store;
+
+use crate::output::Printer;
+
+#[derive(Args, Debug)]
+pub struct ArchiveArgs {
+    /// Archive file (default: event-sync/archive/archive-<UTC timestamp>.jsonl.gz)
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+    /// Only events captured longer ago than this (e.g. 30d, 12h)
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<String>,
+    /// Report what would be archived; write nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Wait up to SECS for a running drain to finish
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    wait: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Report what would be purged; change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Wait up to SECS for a running drain to finish
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    wait: u64,
+}
+
+fn open_store(home: &Home) -> Result<Store> {
+    match Store::open_read_only(home)? {
+        Some(_) => Ok(Store::open(home)?),
+        None => Err(Error::usage(
+            format!("there is no journal in {} yet", home.root().display()),
+            "capture events with `kitty-sync emit` first (or pass --home)",
+        )
+        .into()),
+    }
+}
+
+pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+    let home = Home::resolve(home_flag)?;
+    let cutoff = match &args.older_than {
+        Some(text) => Some(kitty_sync::clock::now_ms() - parse_duration_ms(text)?),
+        None => None,
+    };
+    let mut store = open_store(&home)?;
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(&home, Duration::from_secs(args.wait), "archive")?) };
+    let report = retention::archive(&mut store, &home, args.out.as_deref(), cutoff, args.dry_run)?;
+    if printer.json {
+        printer.json_doc(&report);
+    } else {
+        if let Some(note) = &report.note {
+            printer.line(format!("Nothing archived: {note}."));
+            return Ok(0);
+        }
+        let verb = if report.dry_run { "Would archive" } else { "Archived" };
+        let out = report.out.as_deref().map(|o| format!(" to {o}")).unwrap_or_default();
+        printer.line(format!("{verb} {} event(s){out} ({} bytes)", report.archived, report.bytes));
+        if !report.dry_run && report.archived > 0 {
+            printer.line("Payloads stay in the journal until `kitty-sync gc`.");
+        }
+    }
+    Ok(0)
+}
+
+pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+    let home = Home::resolve(home_flag)?;
+    let mut store = open_store(&home)?;
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(&home, Duration::from_secs(args.wait), "gc")?) };
+    let bar = crate::output::Progress::bar(printer, "purging");
+    let report = retention::gc(&mut store, args.dry_run, &mut |done, total| bar.update(done, Some(total)));
+    bar.finish();
+    let report = report?;
+    if printer.json {
+        printer.json_doc(&report);
+        return Ok(0);
+    }
+    if let Some(note) = &report.note {
+        printer.line(format!("Nothing purged: {note}."));
+        return Ok(0);
+    }
+    let verb = if report.dry_run { "Would purge" } else { "Purged" };
+    printer.line(format!(
+        "{verb} payloads of {} event(s) ({} bytes); {} retained event(s) kept",
+        report.purged, report.purged_bytes, report.kept
+    ));
+    printer.line(format!("store file: {} → {} bytes", report.store_bytes_before, report.store_bytes_after));
+    Ok(0)
+}

@@ -1,0 +1,269 @@
+//! Retention: `archive` writes fully delivered events to a gzip JSON Lines file and marks
+//! them archived; `gc` removes payload bytes of events every known target has (or that were
+//! archived), keeping id, type, capture time, hash, size and all delivery history.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::error::{Error, Result, StoreContext};
+use crate::home::Home;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveReport {
+    pub dry_run: bool,
+    pub archived: u64,
+    /// The archive file (none when nothing was archived).
+    pub out: Option<String>,
+    /// Size of the archive file.
+    pub bytes: u64,
+    /// Why nothing could be archived, when that is the case.
+    #[serde(skip)]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub purged: u64,
+    pub purged_bytes: u64,
+    /// Retained events left after gc.
+    pub kept: u64,
+    pub store_bytes_before: u64,
+    pub store_bytes_after: u64,
+    #[serde(skip)]
+    pub note: Option<String>,
+}
+
+fn known_targets(store: &Store) -> Result<i64> {
+    store.conn().query_row("SELECT count(*) FROM targets", [], |r| r.get(0)).ctx("cannot read targets")
+}
+
+const NO_TARGET_NOTE: &str =
+    "no delivery target is known yet, so no event is delivered everywhere; run `kitty-sync now` first";
+
+/// Events delivered to every known target (current epochs), retained, captured before `cutoff`.
+const ARCHIVABLE: &str = "SELECT e.seq, p.envelope FROM events e JOIN payloads p ON p.seq = e.seq
+    WHERE e.state = 0 AND e.delivered_targets >= ?1 AND e.captured_at < ?2 AND e.seq <= ?3 ORDER BY e.seq";
+
+/// Archives retained events that every known target has. The file is complete and fsynced
+/// before any event is marked archived.
+pub fn archive(
+    store: &mut Store,
+    home: &Home,
+    out: Option<&Path>,
+    captured_before_ms: Option<i64>,
+    dry_run: bool,
+) -> Result<ArchiveReport> {
+    let targets = known_targets(store)?;
+    let mut report = ArchiveReport { dry_run, archived: 0, out: None, bytes: 0, note: None };
+    if targets == 0 {
+        report.note = Some(NO_TARGET_NOTE.into());
+        return Ok(report);
+    }
+    let cutoff = captured_before_ms.unwrap_or(i64::MAX);
+    let max_seq: i64 = store.conn().query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)).ctx("cannot read the journal")?;
+    if dry_run {
+        let (n, bytes): (i64, i64) = store
+            .conn()
+            .query_row(
+                "SELECT count(*), coalesce(sum(payload_bytes + 1), 0) FROM events
+                 WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2",
+                params![targets, cutoff],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ctx("cannot read the journal")?;
+        report.archived = n as u64;
+        report.bytes = bytes as u64;
+        return Ok(report);
+    }
+    let path = match out {
+        Some(p) => p.to_path_buf(),
+        None => default_archive_path(home)?,
+    };
+    let (written, last_seq) = write_archive(store, &path, targets, cutoff, max_seq)?;
+    if written == 0 {
+        let _ = std::fs::remove_file(&path);
+        report.note = Some("no retained event is delivered to every known target yet".into());
+        return Ok(report);
+    }
+    let now = crate::clock::now_ms();
+    let marked = store
+        .conn()
+        .execute(
+            "UPDATE events SET state = 1, archived_at = ?4
+             WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2 AND seq <= ?3",
+            params![targets, cutoff, last_seq, now],
+        )
+        .ctx("cannot mark events archived")?;
+    report.archived = marked as u64;
+    report.bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    report.out = Some(path.display().to_string());
+    Ok(report)
+}
+
+fn default_archive_path(home: &Home) -> Result<PathBuf> {
+    let dir = home.sync_dir().join("archive");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create directory", &dir, e))?;
+    let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S%.3fZ").to_string();
+    Ok(dir.join(format!("archive-{stamp}.jsonl.gz")))
+}
+
+/// Streams the archivable envelopes to `path` (via a temporary file, fsynced, renamed).
+fn write_archive(store: &Store, path: &Path, targets: i64, cutoff: i64, max_seq: i64) -> Result<(u64, i64)> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("archive")));
+    let io = |e: std::io::Error| Error::io("cannot write the archive", path, e);
+    let file = File::create(&tmp).map_err(|e| Error::io("cannot create the archive", &tmp, e))?;
+    let mut gz = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
+    let mut stmt = store.conn().prepare(ARCHIVABLE).ctx("cannot read the journal")?;
+    let mut rows = stmt.query(params![targets, cutoff, max_seq]).ctx("cannot read the journal")?;
+    let (mut written, mut last_seq) = (0u64, 0i64);
+    while let Some(row) = rows.next().ctx("cannot read the journal")? {
+        let envelope: Vec<u8> = row.get(1).ctx("cannot read the journal")?;
+        gz.write_all(&envelope).and_then(|_| gz.write_all(b"\n")).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })?;
+        last_seq = row.get(0).ctx("cannot read the journal")?;
+        written += 1;
+    }
+    let finished = gz.finish().and_then(|w| w.into_inner().map_err(|e| e.into_error())).and_then(|f| {
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    });
+    if let Err(e) = finished {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok((written, last_seq))
+}
+
+/// Rows purged per transaction, so other processes' appends wait at most one chunk.
+const GC_CHUNK: i64 = 20_000;
+
+/// Purges payloads of events delivered to every known target or archived, then reclaims
+/// the file space.
+pub fn gc(store: &mut Store, dry_run: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
+    let before = store.file_bytes();
+    let targets = known_targets(store)?;
+    let mut report = GcReport {
+        dry_run,
+        purged: 0,
+        purged_bytes: 0,
+        kept: 0,
+        store_bytes_before: before,
+        store_bytes_after: before,
+        note: None,
+    };
+    if targets == 0 {
+        report.kept = retained(store)?;
+        report.note = Some(NO_TARGET_NOTE.into());
+        return Ok(report);
+    }
+    let (total, total_bytes): (i64, i64) = store
+        .conn()
+        .query_row(
+            "SELECT count(*), coalesce(sum(payload_bytes), 0) FROM events
+             WHERE state = 1 OR (state = 0 AND delivered_targets >= ?1)",
+            [targets],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ctx("cannot read the journal")?;
+    if dry_run {
+        report.purged = total as u64;
+        report.purged_bytes = total_bytes as u64;
+        report.kept = retained(store)?.saturating_sub(total as u64);
+        return Ok(report);
+    }
+    let mut from = 0i64;
+    loop {
+        let (n, bytes, next) = purge_chunk(store, targets, from)?;
+        report.purged += n;
+        report.purged_bytes += bytes;
+        progress(report.purged, total as u64);
+        match next {
+            Some(seq) => from = seq,
+            None => break,
+        }
+    }
+    if report.purged > 0 {
+        store.conn().execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);").ctx("cannot reclaim file space")?;
+    }
+    report.kept = retained(store)?;
+    report.store_bytes_after = store.file_bytes();
+    Ok(report)
+}
+
+/// Purges one chunk of eligible events with seq ≥ `from`; returns (count, bytes, next seq).
+fn purge_chunk(store: &mut Store, targets: i64, from: i64) -> Result<(u64, u64, Option<i64>)> {
+    let now = crate::clock::now_ms();
+    let tx = store.conn_mut().transaction().ctx("cannot start gc")?;
+    let upper: Option<i64> = tx
+        .query_row(
+            "SELECT max(seq) FROM (SELECT seq FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2)",
+            params![from, GC_CHUNK],
+            |r| r.get(0),
+        )
+        .ctx("cannot read the journal")?;
+    let Some(upper) = upper else { return Ok((0, 0, None)) };
+    let eligible = "seq BETWEEN ?1 AND ?2 AND (state = 1 OR (state = 0 AND delivered_targets >= ?3))";
+    let bytes: i64 = tx
+        .query_row(&format!("SELECT coalesce(sum(payload_bytes), 0) FROM events WHERE {eligible}"), params![from, upper, targets], |r| r.get(0))
+        .ctx("cannot read the journal")?;
+    tx.execute(&format!("DELETE FROM payloads WHERE seq IN (SELECT seq FROM events WHERE {eligible})"), params![from, upper, targets])
+        .ctx("cannot purge payloads")?;
+    let n = tx
+        .execute(&format!("UPDATE events SET state = 2, purged_at = ?4 WHERE {eligible}"), params![from, upper, targets, now])
+        .ctx("cannot mark events purged")?;
+    tx.commit().ctx("cannot commit gc")?;
+    Ok((n as u64, bytes as u64, Some(upper + 1)))
+}
+
+fn retained(store: &Store) -> Result<u64> {
+    Ok(crate::store::stats::journal_counters(store.conn())?.retained.max(0) as u64)
+}
+
+/// `30d`, `12h`, `15m`, `45s`, `2w` → milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: i64 = digits.parse().map_err(|_| bad_duration(text))?;
+    let unit_ms: i64 = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        _ => return Err(bad_duration(text)),
+    };
+    n.checked_mul(unit_ms).ok_or_else(|| bad_duration(text))
+}
+
+fn bad_duration(text: &str) -> Error {
+    Error::usage(format!("invalid duration {text:?}"), "use a number and a unit: 45s, 15m, 12h, 30d or 2w")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("30d").unwrap(), 30 * 86_400_000);
+        assert_eq!(parse_duration_ms("2w").unwrap(), 14 * 86_400_000);
+        assert_eq!(parse_duration_ms("45s").unwrap(), 45_000);
+        for bad in ["", "d", "5y", "-1d", "1.5d"] {
+            assert_eq!(parse_duration_ms(bad).unwrap_err().exit_code(), 2, "{bad}");
+        }
+    }
+}
