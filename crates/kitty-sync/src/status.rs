@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::authority::TargetAuthority;
 use crate::clock::rfc3339_ms;
 use crate::delivery::receiver::Receiver;
+use crate::delivery::reset::{self, REDRAIN_HINT, ResetDetected};
 use crate::delivery::target::{self, DeploymentMetadata, TargetIdentity, TargetKind, TargetRecord};
 use crate::error::{Result, StoreContext};
 use crate::home::Home;
@@ -91,6 +92,9 @@ pub struct TargetEntry {
     pub first_seen_at: Option<String>,
     pub last_seen_at: Option<String>,
     pub deployment: DeploymentMetadata,
+    /// Set when `now` found the server behind this URL replaced (stable identity changed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_detected: Option<ResetDetected>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -160,6 +164,15 @@ pub fn build(home: &Home, authority: &TargetAuthority, current: &CurrentDelivery
         fill_current_without_store(&mut report, current);
     }
     check_gates(current, &mut problems);
+    let targets = report.delivery_targets.current.iter().chain(&report.delivery_targets.previous);
+    for entry in targets {
+        if let Some(reset) = &entry.reset_detected {
+            problems.push(Problem {
+                message: format!("{} was reset behind its URL ({})", entry.canonical_url, reset.changed_fields.join(", ")),
+                hint: format!("run `{REDRAIN_HINT}` with that target active to deliver every retained event again"),
+            });
+        }
+    }
     if report.migration_conflicts.count > 0 {
         problems.push(Problem {
             message: format!("{} unresolved migration conflict(s)", report.migration_conflicts.count),
@@ -265,6 +278,7 @@ fn entry_for(store: &Store, record: &TargetRecord, undelivered: Option<i64>) -> 
         first_seen_at: Some(rfc3339_ms(record.first_seen_at)),
         last_seen_at: Some(rfc3339_ms(record.last_seen_at)),
         deployment: record.deployment.clone(),
+        reset_detected: reset::load(store.conn(), record.id)?,
     })
 }
 
@@ -280,6 +294,7 @@ fn unregistered_entry(identity: &TargetIdentity, undelivered: i64) -> TargetEntr
         first_seen_at: None,
         last_seen_at: None,
         deployment: DeploymentMetadata::default(),
+        reset_detected: None,
     }
 }
 

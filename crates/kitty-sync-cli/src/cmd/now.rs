@@ -39,6 +39,10 @@ pub struct NowArgs {
     /// Also write the JSON report to PATH
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
+    /// Deliver every retained event again to this target (after its server was reset);
+    /// earlier ledger rows are kept as history
+    #[arg(long)]
+    redrain: bool,
 }
 
 #[derive(Serialize)]
@@ -67,6 +71,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         batch_events: args.batch_events as usize,
         batch_bytes: args.batch_bytes as usize,
         retries: args.retries,
+        redrain: args.redrain,
         ..DrainOptions::default()
     };
     let bar = crate::output::Progress::bar(printer, "delivering");
@@ -77,6 +82,9 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
     let summary = summary?;
     emit_report(&NowReport { mode: mode.display_name(), summary: Some(&summary), note: None }, &args, printer)?;
     print_failures(&summary, printer);
+    if let Some(n) = summary.not_redeliverable.filter(|n| *n > 0) {
+        printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));
+    }
     printer.line(final_line(&summary, mode.display_name()));
     exit_code(&summary, printer)
 }

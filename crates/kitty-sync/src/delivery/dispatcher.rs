@@ -9,6 +9,7 @@ use rusqlite::params;
 use serde::Serialize;
 
 use super::receiver::Receiver;
+use super::reset;
 use super::target::{self, TargetKind, TargetRecord};
 use super::wire::{HttpReply, Outcome, Verdict, map_reply};
 use crate::error::{Error, Result, StoreContext};
@@ -28,6 +29,9 @@ pub struct DrainOptions {
     pub backoff_base: Duration,
     /// A `Retry-After` longer than this stops the drain instead of waiting.
     pub max_retry_wait: Duration,
+    /// Start a new epoch for the target first: every retained event is delivered again
+    /// (after the server behind the URL was reset).
+    pub redrain: bool,
 }
 
 impl Default for DrainOptions {
@@ -39,6 +43,7 @@ impl Default for DrainOptions {
             retries: 3,
             backoff_base: Duration::from_millis(500),
             max_retry_wait: Duration::from_secs(120),
+            redrain: false,
         }
     }
 }
@@ -95,6 +100,9 @@ pub struct DrainSummary {
     pub batches: u64,
     pub elapsed_ms: u64,
     pub failures: Vec<Failure>,
+    /// With `--redrain`: events whose payload gc purged, which cannot be delivered again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_redeliverable: Option<i64>,
     #[serde(skip)]
     pub stop: Option<StopReason>,
 }
@@ -123,11 +131,7 @@ pub fn drain(
 ) -> Result<DrainSummary> {
     check_gates(receiver)?;
     receiver.prepare()?;
-    let now = crate::clock::now_ms();
-    let record = target::register(store.conn(), receiver.identity(), now)?;
-    if let Some(meta) = receiver.health() {
-        target::record_deployment(store.conn(), record.id, &meta)?;
-    }
+    let (record, not_redeliverable) = prepare_target(store, receiver, options)?;
     let total = if count_total { Some(count_due(store, &record, receiver.team())?) } else { None };
     progress(0, total);
     let team = receiver.team().map(str::to_string);
@@ -136,7 +140,7 @@ pub fn drain(
         receiver,
         options,
         target: record.clone(),
-        summary: empty_summary(&record),
+        summary: DrainSummary { not_redeliverable, ..empty_summary(&record) },
         frontier: Frontier::new(record.due_from_seq),
         progress,
         total,
@@ -150,6 +154,38 @@ pub fn drain(
         target::set_due_from(run.store.conn(), record.id, frontier)?;
     }
     Ok(run.summary)
+}
+
+/// Registers the target, records what its health endpoint says, and refuses to deliver to a
+/// target whose server was replaced behind the same URL unless this is a re-drain.
+fn prepare_target(
+    store: &mut Store,
+    receiver: &mut dyn Receiver,
+    options: &DrainOptions,
+) -> Result<(TargetRecord, Option<i64>)> {
+    let now = crate::clock::now_ms();
+    let record = target::register(store.conn(), receiver.identity(), now)?;
+    let health = receiver.health();
+    if options.redrain {
+        let purged = reset::start_new_epoch(store.conn(), &record, health.as_ref())?;
+        let fresh = target::register(store.conn(), receiver.identity(), now)?;
+        return Ok((fresh, Some(purged)));
+    }
+    match &health {
+        Some(meta) => {
+            if let Some(reset) = reset::detect(&record.deployment, meta) {
+                reset::save(store.conn(), record.id, &reset)?;
+                return Err(reset::blocked_error(&record, &reset));
+            }
+            target::record_deployment(store.conn(), record.id, meta)?;
+        }
+        None => {
+            if let Some(reset) = reset::load(store.conn(), record.id)? {
+                return Err(reset::blocked_error(&record, &reset));
+            }
+        }
+    }
+    Ok((record, None))
 }
 
 fn check_gates(receiver: &dyn Receiver) -> Result<()> {
@@ -179,6 +215,7 @@ fn empty_summary(record: &TargetRecord) -> DrainSummary {
         batches: 0,
         elapsed_ms: 0,
         failures: Vec::new(),
+        not_redeliverable: None,
         stop: None,
     }
 }

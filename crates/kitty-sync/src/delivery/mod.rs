@@ -3,6 +3,7 @@
 pub mod dispatcher;
 pub mod lock;
 pub mod receiver;
+pub mod reset;
 pub mod retention;
 pub mod retry;
 pub mod target;
