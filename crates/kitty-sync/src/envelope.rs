@@ -35,13 +35,13 @@ pub fn is_valid_ulid(id: &str) -> bool {
     let bytes = id.as_bytes();
     bytes.len() == 26
         && bytes[0] <= b'7'
-        && bytes.iter().all(|b| {
-            matches!(b, b'0'..=b'9' | b'A'..=b'H' | b'J' | b'K' | b'M' | b'N' | b'P'..=b'T' | b'V'..=b'Z')
-        })
+        && bytes
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'H' | b'J' | b'K' | b'M' | b'N' | b'P'..=b'T' | b'V'..=b'Z'))
 }
 
 /// Checks the envelope's identity fields. `event_type` may be absent only when the caller
-/// supplies a default (see [`identity_with_default_type`]).
+/// supplies a default (as `emit --jsonl --default-type` does).
 pub fn identity(value: &Value) -> Result<EnvelopeIdentity, EnvelopeError> {
     let object = value.as_object().ok_or(EnvelopeError::NotAnObject)?;
     let event_id = event_id_of(object)?;
@@ -64,8 +64,7 @@ fn event_id_of(object: &serde_json::Map<String, Value>) -> Result<String, Envelo
 
 /// Parses one line of JSON and validates its identity.
 pub fn parse(bytes: &[u8]) -> Result<(Value, EnvelopeIdentity), EnvelopeError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
     let id = identity(&value)?;
     Ok((value, id))
 }
@@ -75,9 +74,49 @@ pub fn parse(bytes: &[u8]) -> Result<(Value, EnvelopeIdentity), EnvelopeError> {
 /// when their canonical forms are equal, whatever encoder produced them (Python's
 /// `json.dumps` with `ensure_ascii` and `", "` separators included).
 pub fn canonical_json(value: &Value) -> String {
-    // serde_json's default map is a BTreeMap, so serialisation already sorts keys and
-    // writes compact, unescaped UTF-8.
-    serde_json::to_string(value).unwrap_or_default()
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            // Sorted here rather than relying on serde_json's map being a BTreeMap: its
+            // `preserve_order` feature, which any crate in the build graph can switch on,
+            // would silently make this insertion order and break every identity check.
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical_str(key, out);
+                out.push(':');
+                write_canonical(item, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::String(text) => write_canonical_str(text, out),
+        // Numbers, booleans and null: serde_json's compact form.
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// A JSON string with only the escapes JSON requires (UTF-8 kept as is).
+fn write_canonical_str(text: &str, out: &mut String) {
+    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 /// Canonical form of raw bytes; bytes that are not JSON are their own canonical form.
@@ -118,16 +157,10 @@ mod tests {
             identity(&json!({"event_id": "nope", "event_type": "X"})),
             Err(EnvelopeError::InvalidEventId(_))
         ));
-        assert!(matches!(
-            identity(&json!({"event_id": 5, "event_type": "X"})),
-            Err(EnvelopeError::InvalidEventId(_))
-        ));
+        assert!(matches!(identity(&json!({"event_id": 5, "event_type": "X"})), Err(EnvelopeError::InvalidEventId(_))));
         let id = "01KVYWRGJEV7CEZW6J7GXEBN16";
         assert_eq!(identity(&json!({"event_id": id})), Err(EnvelopeError::MissingEventType));
-        assert_eq!(
-            identity(&json!({"event_id": id, "event_type": ""})),
-            Err(EnvelopeError::InvalidEventType)
-        );
+        assert_eq!(identity(&json!({"event_id": id, "event_type": ""})), Err(EnvelopeError::InvalidEventType));
         assert_eq!(identity(&json!({"event_id": id, "event_type": "A"})).unwrap().event_type, "A");
     }
 
@@ -136,6 +169,19 @@ mod tests {
         let python = br#"{"event_type": "X", "event_id": "01KVYWRGJEV7CEZW6J7GXEBN16", "payload": {"t": "caf\u00e9 \ud83d\ude00", "n": 1.5}}"#;
         let ours = "{\"event_id\":\"01KVYWRGJEV7CEZW6J7GXEBN16\",\"event_type\":\"X\",\"payload\":{\"n\":1.5,\"t\":\"café 😀\"}}";
         assert_eq!(canonical_bytes(python), ours.as_bytes());
+    }
+
+    #[test]
+    fn canonical_form_sorts_nested_keys_and_matches_compact_serde() {
+        let value = json!({"b": [{"z": 1, "a": null}, "x\"y\n\u{1}é"], "a": {"d": true, "c": -1.5e-7}, "é": 0, "E": 1});
+        let expected =
+            "{\"E\":1,\"a\":{\"c\":-1.5e-7,\"d\":true},\"b\":[{\"a\":null,\"z\":1},\"x\\\"y\\n\\u0001é\"],\"é\":0}";
+        assert_eq!(canonical_json(&value), expected);
+        assert_eq!(
+            canonical_json(&value),
+            serde_json::to_string(&value).unwrap(),
+            "same as serde's sorted compact form"
+        );
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub fn drain(
 ) -> Result<DrainSummary> {
     check_gates(receiver)?;
     receiver.prepare()?;
+    // Ledger commits need not reach the disk one by one: a ledger row lost in a crash only
+    // means the event is sent again and the receiver answers `duplicate` (at-least-once).
+    // Captured events never go through this connection, so their durability is untouched.
+    store.conn().execute_batch("PRAGMA synchronous=NORMAL").ctx("cannot configure the store")?;
     let (record, not_redeliverable) = prepare_target(store, receiver, options)?;
     let total = if count_total { Some(count_due(store, &record, receiver.team())?) } else { None };
     progress(0, total);
@@ -151,7 +155,7 @@ pub fn drain(
     run.summary.elapsed_ms = started.elapsed().as_millis() as u64;
     let frontier = run.frontier.position;
     if frontier > record.due_from_seq {
-        target::set_due_from(run.store.conn(), record.id, frontier)?;
+        target::set_due_from(run.store.conn(), record.id, record.due_from_seq, frontier)?;
     }
     Ok(run.summary)
 }
@@ -276,7 +280,8 @@ struct Run<'a, 'p> {
 
 enum Sent {
     Verdict(Verdict, Option<u16>),
-    Stopped(StopReason),
+    /// Why the drain stops, and the HTTP status of the last answer (none for transport errors).
+    Stopped(StopReason, Option<u16>),
 }
 
 impl Run<'_, '_> {
@@ -298,7 +303,7 @@ impl Run<'_, '_> {
                 },
             )?;
             if page.is_empty() {
-                return Ok(());
+                return self.settle_tail(team, cursor);
             }
             let batch = cut_by_bytes(page, self.options.batch_bytes);
             let last_seq = batch.last().map(|e| e.seq).unwrap_or(cursor);
@@ -316,6 +321,23 @@ impl Run<'_, '_> {
         }
     }
 
+    /// The walk found nothing more due from `cursor`. If everything before was settled too,
+    /// move the high-water mark past the journal's end, judged in one read snapshot so an
+    /// event appended meanwhile cannot be skipped.
+    fn settle_tail(&mut self, team: Option<&str>, cursor: i64) -> Result<()> {
+        if !self.frontier.contiguous || self.summary.stop.is_some() {
+            return Ok(());
+        }
+        let tx = self.store.conn_mut().transaction().ctx("cannot start a read")?;
+        let query = DueQuery { target: self.target.id, epoch: self.target.epoch, team, from_seq: cursor, limit: 1 };
+        if select_due(&tx, query)?.is_empty() {
+            let max_seq: i64 =
+                tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)).ctx("cannot read the journal")?;
+            self.frontier.position = self.frontier.position.max(max_seq + 1);
+        }
+        tx.commit().ctx("cannot end a read")
+    }
+
     fn remaining_budget(&self) -> u64 {
         match self.options.limit {
             Some(limit) => limit.saturating_sub(self.summary.selected),
@@ -328,11 +350,11 @@ impl Run<'_, '_> {
     fn deliver(&mut self, batch: &[DueEvent]) -> Result<Option<StopReason>> {
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
         let (verdict, status) = match self.send_with_retries(batch, &ids)? {
-            Sent::Stopped(reason) => {
+            Sent::Stopped(reason, status) => {
                 let error = match &reason {
                     StopReason::Transient { error } | StopReason::Auth { error } => error.clone(),
                 };
-                self.count_final(batch, Outcome::FailedTransient, None, Some(&error));
+                self.count_final(batch, Outcome::FailedTransient, status, Some(&error));
                 return Ok(Some(reason));
             }
             Sent::Verdict(v, s) => (v, s),
@@ -419,17 +441,21 @@ impl Run<'_, '_> {
                     self.record(&uniform(batch, Outcome::FailedTransient, status, &error))?;
                     match self.backoff(attempt, retry_after) {
                         Some(delay) => std::thread::sleep(delay),
-                        None => return Ok(Sent::Stopped(StopReason::Transient { error: describe(status, &error) })),
+                        None => {
+                            let reason = StopReason::Transient { error: describe(status, &error) };
+                            return Ok(Sent::Stopped(reason, status));
+                        }
                     }
                     attempt += 1;
                 }
                 Verdict::AuthFailed { error } => {
+                    // Recorded first: a refresh that fails ends the drain with an error.
+                    self.record(&uniform(batch, Outcome::FailedTransient, status, &error))?;
                     if !renewed && self.receiver.renew_auth()? {
                         renewed = true;
                         continue;
                     }
-                    self.record(&uniform(batch, Outcome::FailedTransient, status, &error))?;
-                    return Ok(Sent::Stopped(StopReason::Auth { error: describe(status, &error) }));
+                    return Ok(Sent::Stopped(StopReason::Auth { error: describe(status, &error) }, status));
                 }
                 other => return Ok(Sent::Verdict(other, status)),
             }
@@ -527,6 +553,10 @@ impl Run<'_, '_> {
                     .ctx("cannot record the attempt")?;
             }
         }
+        // Selected events were not delivered to this target before, so every delivered
+        // outcome here is a first delivery.
+        let delivered: Vec<i64> = results.iter().filter(|r| r.outcome.is_delivered()).map(|r| r.seq).collect();
+        crate::store::stats::note_delivered(&tx, target, epoch, &delivered)?;
         tx.commit().ctx("cannot commit delivery outcomes")
     }
 

@@ -40,9 +40,10 @@ CREATE TABLE events (
 CREATE INDEX events_by_state ON events (state, captured_at, payload_bytes);
 CREATE INDEX events_by_coalesce_key ON events (coalesce_key, seq)
     WHERE coalesce_key IS NOT NULL AND coalesced_into IS NULL;
--- Retained events blocked at capture that no target has received yet.
+-- Retained events blocked at capture that no target has received yet (and that were not
+-- coalesced away: those are never delivered, blocked or not).
 CREATE INDEX events_by_blocked_reason ON events (drain_blocked_reason)
-    WHERE drain_blocked_reason IS NOT NULL AND state = 0 AND delivered_targets = 0;
+    WHERE drain_blocked_reason IS NOT NULL AND state = 0 AND delivered_targets = 0 AND coalesced_into IS NULL;
 CREATE INDEX events_by_capture_team ON events (capture_team, state) WHERE capture_team IS NOT NULL;
 
 -- The stored envelope bytes, exactly as captured. Only gc deletes a row here.
@@ -194,35 +195,9 @@ CREATE TRIGGER ledger_recounted AFTER UPDATE OF status ON ledger WHEN NEW.status
     UPDATE target_stats SET value = value + CASE key WHEN NEW.status THEN 1 ELSE -1 END
     WHERE target = NEW.target AND epoch = NEW.epoch AND key IN (NEW.status, OLD.status);
 END;
--- A first terminal delivery for (event, target). Ledger rows are only written for a target's
--- current epoch and a delivered row is never demoted, so counting up is enough; a re-drain
--- that starts a new epoch rebuilds these counters (store::stats::rebuild).
-CREATE TRIGGER ledger_delivered_insert AFTER INSERT ON ledger
-WHEN NEW.status IN ('success', 'duplicate') BEGIN
-    UPDATE stats SET value = value + 1
-    WHERE key = 'delivered_any' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
-    UPDATE target_stats SET value = value + 1
-    WHERE target = NEW.target AND epoch = NEW.epoch AND key = 'exclusive'
-      AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
-    UPDATE target_stats SET value = value - 1
-    WHERE key = 'exclusive' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 1
-      AND (target, epoch) IN (SELECT l.target, l.epoch FROM ledger l JOIN targets t ON t.id = l.target AND t.epoch = l.epoch
-                              WHERE l.seq = NEW.seq AND l.status IN ('success', 'duplicate') AND l.target <> NEW.target);
-    UPDATE events SET delivered_targets = delivered_targets + 1 WHERE seq = NEW.seq;
-END;
-CREATE TRIGGER ledger_delivered_update AFTER UPDATE OF status ON ledger
-WHEN NEW.status IN ('success', 'duplicate') AND OLD.status NOT IN ('success', 'duplicate') BEGIN
-    UPDATE stats SET value = value + 1
-    WHERE key = 'delivered_any' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
-    UPDATE target_stats SET value = value + 1
-    WHERE target = NEW.target AND epoch = NEW.epoch AND key = 'exclusive'
-      AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 0;
-    UPDATE target_stats SET value = value - 1
-    WHERE key = 'exclusive' AND (SELECT delivered_targets FROM events WHERE seq = NEW.seq) = 1
-      AND (target, epoch) IN (SELECT l.target, l.epoch FROM ledger l JOIN targets t ON t.id = l.target AND t.epoch = l.epoch
-                              WHERE l.seq = NEW.seq AND l.status IN ('success', 'duplicate') AND l.target <> NEW.target);
-    UPDATE events SET delivered_targets = delivered_targets + 1 WHERE seq = NEW.seq;
-END;
+-- A first terminal delivery for (event, target) is counted per batch by
+-- store::stats::note_delivered (set-based: one statement group per batch instead of four
+-- statements per row), in the same transaction as the ledger rows.
 
 CREATE TABLE migrated_sources (
     path        TEXT PRIMARY KEY,

@@ -84,6 +84,54 @@ pub fn target_counters(conn: &Connection, target: i64, epoch: i64) -> Result<Tar
     Ok(c)
 }
 
+/// Counts first terminal deliveries to `target` (current `epoch`) of the events `seqs`, which
+/// must not have been delivered to that target before: `delivered_targets` of each event,
+/// `delivered_any`, and the `exclusive` counters (an event's only delivery so far was to
+/// another target → that target loses it; no delivery so far → this target gains it).
+/// Call it in the transaction that writes the ledger rows.
+pub fn note_delivered(conn: &Connection, target: i64, epoch: i64, seqs: &[i64]) -> Result<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    let list = serde_json::to_string(seqs).unwrap_or_else(|_| "[]".into());
+    conn.execute("DROP TABLE IF EXISTS temp.newly_delivered", []).ctx("cannot count deliveries")?;
+    conn.execute(
+        "CREATE TEMP TABLE newly_delivered AS
+         SELECT e.seq AS seq, e.delivered_targets AS before FROM json_each(?1) j JOIN events e ON e.seq = j.value",
+        [&list],
+    )
+    .ctx("cannot count deliveries")?;
+    conn.execute(NOTE_OTHERS_SQL, params![target]).ctx("cannot count deliveries")?;
+    conn.execute(
+        "UPDATE target_stats SET value = value + (SELECT count(*) FROM temp.newly_delivered WHERE before = 0)
+         WHERE target = ?1 AND epoch = ?2 AND key = 'exclusive'",
+        params![target, epoch],
+    )
+    .ctx("cannot count deliveries")?;
+    conn.execute(
+        "UPDATE stats SET value = value + (SELECT count(*) FROM temp.newly_delivered WHERE before = 0)
+         WHERE key = 'delivered_any'",
+        [],
+    )
+    .ctx("cannot count deliveries")?;
+    conn.execute(
+        "UPDATE events SET delivered_targets = delivered_targets + 1 WHERE seq IN (SELECT seq FROM temp.newly_delivered)",
+        [],
+    )
+    .ctx("cannot count deliveries")?;
+    conn.execute("DROP TABLE temp.newly_delivered", []).ctx("cannot count deliveries")?;
+    Ok(())
+}
+
+/// Events delivered to exactly one other target until now stop being exclusive to it.
+const NOTE_OTHERS_SQL: &str = "
+UPDATE target_stats SET value = value - (
+    SELECT count(*) FROM temp.newly_delivered n
+    JOIN ledger l ON l.seq = n.seq AND l.target = target_stats.target AND l.epoch = target_stats.epoch
+    WHERE n.before = 1 AND l.status IN ('success', 'duplicate'))
+WHERE key = 'exclusive' AND target <> ?1
+  AND epoch = (SELECT t.epoch FROM targets t WHERE t.id = target_stats.target)";
+
 /// Recomputes every counter from the rows. O(journal); used when an epoch changes.
 pub fn rebuild(conn: &Connection) -> Result<()> {
     conn.execute_batch(REBUILD_SQL).ctx("cannot rebuild the store counters")
@@ -162,13 +210,22 @@ mod tests {
                 .unwrap();
             }
             Op::Deliver { seq, target, status } => {
-                // The dispatcher's rule: a delivered row is never demoted.
-                conn.execute(
+                let (seq, target, status) = (i64::from(*seq), i64::from(*target), STATUSES[usize::from(*status)]);
+                let before: Option<String> = conn
+                    .query_row("SELECT status FROM ledger WHERE target = ?1 AND epoch = 0 AND seq = ?2", params![target, seq], |r| r.get(0))
+                    .ok();
+                let was_delivered = matches!(before.as_deref(), Some("success" | "duplicate"));
+                // The dispatcher's rules: a delivered row is never demoted, and first
+                // deliveries are counted by note_delivered in the same transaction.
+                let inserted = conn.execute(
                     "INSERT INTO ledger (target, epoch, seq, status) SELECT ?1, 0, ?2, ?3 WHERE EXISTS (SELECT 1 FROM events WHERE seq = ?2)
                      ON CONFLICT(target, epoch, seq) DO UPDATE SET status = CASE WHEN ledger.status IN ('success', 'duplicate') THEN ledger.status ELSE excluded.status END",
-                    params![i64::from(*target), i64::from(*seq), STATUSES[usize::from(*status)]],
+                    params![target, seq, status],
                 )
                 .unwrap();
+                if inserted > 0 && !was_delivered && matches!(status, "success" | "duplicate") {
+                    note_delivered(conn, target, 0, &[seq]).unwrap();
+                }
             }
             Op::State { seq, state } => {
                 conn.execute("UPDATE events SET state = ?2 WHERE seq = ?1", params![i64::from(*seq), i64::from(*state)])
