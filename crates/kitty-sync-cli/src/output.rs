@@ -89,7 +89,7 @@ impl Progress {
             return Progress { bar: None };
         }
         let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} lines ({per_sec}, {elapsed})") {
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} lines ({elapsed})") {
             bar.set_style(style);
         }
         bar.set_message(label);
@@ -118,7 +118,7 @@ impl Progress {
         }
         let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
         if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} events ({per_sec}, eta {eta})")
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} events ({elapsed}, eta {eta})")
         {
             bar.set_style(style.progress_chars("=> "));
         }

@@ -52,6 +52,16 @@ struct NowReport<'a> {
     summary: Option<&'a DrainSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     note: Option<String>,
+    /// Why nothing (more) was delivered, when the drain was refused (gates, reset, busy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ReportedError>,
+}
+
+#[derive(Serialize)]
+struct ReportedError {
+    message: String,
+    hint: String,
+    exit_code: u8,
 }
 
 pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
@@ -60,11 +70,22 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
     let timeout = seconds(args.timeout, "--timeout")?;
     let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {
         let note = format!("Event sync mode {mode}: events are retained locally; nothing is delivered in this mode.");
-        emit_report(&NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()) }, &args, printer)?;
+        let report = NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()), error: None };
+        emit_report(&report, &args, printer)?;
         printer.line(note);
         return Ok(0);
     };
-    let _lock = lock::acquire(&ctx.home, seconds(args.wait, "--wait")?, "`kitty-sync now`")?;
+    let wait = seconds(args.wait, "--wait")?;
+    let refused = |e: kitty_sync::Error| -> Result<u8> {
+        let error = ReportedError { message: e.to_string(), hint: e.hint().to_string(), exit_code: e.exit_code() };
+        let report = NowReport { mode: mode.display_name(), summary: None, note: None, error: Some(error) };
+        emit_report(&report, &args, printer)?;
+        Err(e.into())
+    };
+    let _lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
+        Ok(lock) => lock,
+        Err(e) => return refused(e),
+    };
     let mut store = Store::open(&ctx.home)?;
     let options = DrainOptions {
         limit: args.limit,
@@ -79,8 +100,11 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         bar.update(done, total)
     });
     bar.finish();
-    let summary = summary?;
-    emit_report(&NowReport { mode: mode.display_name(), summary: Some(&summary), note: None }, &args, printer)?;
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(e) => return refused(e),
+    };
+    emit_report(&NowReport { mode: mode.display_name(), summary: Some(&summary), note: None, error: None }, &args, printer)?;
     print_failures(&summary, printer);
     if let Some(n) = summary.not_redeliverable.filter(|n| *n > 0) {
         printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));

@@ -99,13 +99,14 @@ pub fn start_new_epoch(conn: &Connection, record: &TargetRecord, now_meta: Optio
         [record.id],
     )
     .ctx("cannot start a new epoch")?;
-    if let Some(meta) = now_meta {
-        tx.execute(
-            "UPDATE targets SET server_instance_id = ?2, deployment_id = ?3, environment_name = ?4, git_sha = ?5 WHERE id = ?1",
-            params![record.id, meta.server_instance_id, meta.deployment_id, meta.environment_name, meta.git_sha],
-        )
-        .ctx("cannot record the new server identity")?;
-    }
+    // Without a health answer the new identity is unknown: forget the pre-reset one, so the
+    // next answer is recorded instead of being taken for another reset.
+    let meta = now_meta.cloned().unwrap_or_default();
+    tx.execute(
+        "UPDATE targets SET server_instance_id = ?2, deployment_id = ?3, environment_name = ?4, git_sha = ?5 WHERE id = ?1",
+        params![record.id, meta.server_instance_id, meta.deployment_id, meta.environment_name, meta.git_sha],
+    )
+    .ctx("cannot record the new server identity")?;
     crate::store::stats::rebuild(&tx)?;
     let purged: i64 =
         tx.query_row("SELECT count(*) FROM events WHERE state = 2", [], |r| r.get(0)).ctx("cannot read the journal")?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::params;
 use serde::Serialize;
 
+use crate::delivery::target::{self, TargetIdentity};
 use crate::error::{Error, Result, StoreContext};
 use crate::home::Home;
 use crate::store::Store;
@@ -39,8 +40,23 @@ pub struct GcReport {
     pub note: Option<String>,
 }
 
-fn known_targets(store: &Store) -> Result<i64> {
-    store.conn().query_row("SELECT count(*) FROM targets", [], |r| r.get(0)).ctx("cannot read targets")
+/// The targets an event must have reached before archive or gc may touch it: every
+/// registered target, plus the configured current target (`current`) when no drain has
+/// registered it yet. Returns (how many, the note to give when the unregistered current target
+/// makes nothing eligible).
+fn known_targets(store: &Store, current: Option<&TargetIdentity>) -> Result<(i64, Option<String>)> {
+    let registered: i64 =
+        store.conn().query_row("SELECT count(*) FROM targets", [], |r| r.get(0)).ctx("cannot read targets")?;
+    match current {
+        Some(identity) if target::find(store.conn(), identity)?.is_none() => Ok((
+            registered + 1,
+            Some(format!(
+                "the current target {} has not received any event yet; run `kitty-sync now` first",
+                identity.canonical_url
+            )),
+        )),
+        _ => Ok((registered, None)),
+    }
 }
 
 const NO_TARGET_NOTE: &str =
@@ -50,34 +66,51 @@ const NO_TARGET_NOTE: &str =
 const ARCHIVABLE: &str = "SELECT e.seq, p.envelope FROM events e JOIN payloads p ON p.seq = e.seq
     WHERE e.state = 0 AND e.delivered_targets >= ?1 AND e.captured_at < ?2 AND e.seq <= ?3 ORDER BY e.seq";
 
-/// Archives retained events that every known target has. The file is complete and fsynced
-/// before any event is marked archived.
+/// Archives retained events that every known target has (`current`: the configured target,
+/// which counts as known even before its first drain). The file is complete and fsynced
+/// before any event is marked archived; an existing file is never overwritten.
 pub fn archive(
     store: &mut Store,
     home: &Home,
     out: Option<&Path>,
     captured_before_ms: Option<i64>,
+    current: Option<&TargetIdentity>,
     dry_run: bool,
 ) -> Result<ArchiveReport> {
-    let targets = known_targets(store)?;
+    let (targets, unregistered_note) = known_targets(store, current)?;
     let mut report = ArchiveReport { dry_run, archived: 0, out: None, bytes: 0, note: None };
     if targets == 0 {
         report.note = Some(NO_TARGET_NOTE.into());
         return Ok(report);
     }
+    if let Some(note) = unregistered_note {
+        report.note = Some(note);
+        return Ok(report);
+    }
     let cutoff = captured_before_ms.unwrap_or(i64::MAX);
-    let max_seq: i64 = store.conn().query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)).ctx("cannot read the journal")?;
+    let max_seq: i64 = store
+        .conn()
+        .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))
+        .ctx("cannot read the journal")?;
+    let (n, bytes): (i64, i64) = store
+        .conn()
+        .query_row(
+            "SELECT count(*), coalesce(sum(payload_bytes + 1), 0) FROM events
+             WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2 AND seq <= ?3",
+            params![targets, cutoff, max_seq],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ctx("cannot read the journal")?;
+    if n == 0 {
+        report.note = Some(match captured_before_ms {
+            Some(_) => "no retained event captured before the cutoff is delivered to every known target".into(),
+            None => "no retained event is delivered to every known target yet".into(),
+        });
+        return Ok(report);
+    }
     if dry_run {
-        let (n, bytes): (i64, i64) = store
-            .conn()
-            .query_row(
-                "SELECT count(*), coalesce(sum(payload_bytes + 1), 0) FROM events
-                 WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2",
-                params![targets, cutoff],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .ctx("cannot read the journal")?;
         report.archived = n as u64;
+        // No file is written: the uncompressed size of the JSON Lines is the estimate.
         report.bytes = bytes as u64;
         return Ok(report);
     }
@@ -85,8 +118,15 @@ pub fn archive(
         Some(p) => p.to_path_buf(),
         None => default_archive_path(home)?,
     };
+    if path.exists() {
+        return Err(Error::usage(
+            format!("{} already exists; an archive never overwrites a file", path.display()),
+            "choose another --out path (or move the existing file aside)",
+        ));
+    }
     let (written, last_seq) = write_archive(store, &path, targets, cutoff, max_seq)?;
     if written == 0 {
+        // Only our own new file can be here (an existing one was refused above).
         let _ = std::fs::remove_file(&path);
         report.note = Some("no retained event is delivered to every known target yet".into());
         return Ok(report);
@@ -152,9 +192,17 @@ const GC_CHUNK: i64 = 20_000;
 
 /// Purges payloads of events delivered to every known target or archived, then reclaims
 /// the file space.
-pub fn gc(store: &mut Store, dry_run: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
+///
+/// `current` is the configured target: before its first drain registers it, it has received
+/// nothing, so only archived events are purged.
+pub fn gc(
+    store: &mut Store,
+    current: Option<&TargetIdentity>,
+    dry_run: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<GcReport> {
     let before = store.file_bytes();
-    let targets = known_targets(store)?;
+    let (targets, unregistered_note) = known_targets(store, current)?;
     let mut report = GcReport {
         dry_run,
         purged: 0,
@@ -178,10 +226,26 @@ pub fn gc(store: &mut Store, dry_run: bool, progress: &mut dyn FnMut(u64, u64)) 
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .ctx("cannot read the journal")?;
+    if total == 0 {
+        report.kept = retained(store)?;
+        report.note = Some(
+            unregistered_note.unwrap_or_else(|| "no event is archived or delivered to every known target yet".into()),
+        );
+        return Ok(report);
+    }
     if dry_run {
         report.purged = total as u64;
         report.purged_bytes = total_bytes as u64;
-        report.kept = retained(store)?.saturating_sub(total as u64);
+        // Archived events are not counted as retained: only retained ones leave `kept`.
+        let retained_eligible: i64 = store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM events WHERE state = 0 AND delivered_targets >= ?1",
+                [targets],
+                |r| r.get(0),
+            )
+            .ctx("cannot read the journal")?;
+        report.kept = retained(store)?.saturating_sub(retained_eligible.max(0) as u64);
         return Ok(report);
     }
     let mut from = 0i64;

@@ -118,7 +118,9 @@ pub fn register(conn: &Connection, identity: &TargetIdentity, now_ms: i64) -> Re
 /// The stored record for an identity, if it was ever registered (read-only).
 pub fn find(conn: &Connection, identity: &TargetIdentity) -> Result<Option<TargetRecord>> {
     conn.query_row(
-        &format!("SELECT {TARGET_COLUMNS} FROM targets WHERE canonical_url = ?1 AND team_slug = ?2 AND user_email = ?3"),
+        &format!(
+            "SELECT {TARGET_COLUMNS} FROM targets WHERE canonical_url = ?1 AND team_slug = ?2 AND user_email = ?3"
+        ),
         params![identity.canonical_url, identity.team_slug, identity.user_email],
         read_record,
     )
@@ -136,11 +138,16 @@ pub fn list(conn: &Connection) -> Result<Vec<TargetRecord>> {
 }
 
 /// Records what the health endpoint said (only the fields it reported).
+/// Called only when no stable field changed; if one of them is reported equal to what was
+/// recorded, a reset detected earlier is over (the server came back with its old identity,
+/// e.g. restored from a backup).
 pub fn record_deployment(conn: &Connection, target: i64, meta: &DeploymentMetadata) -> Result<()> {
     conn.execute(
         "UPDATE targets SET server_instance_id = coalesce(?2, server_instance_id),
              deployment_id = coalesce(?3, deployment_id), environment_name = coalesce(?4, environment_name),
-             git_sha = coalesce(?5, git_sha)
+             git_sha = coalesce(?5, git_sha),
+             reset_detected = CASE WHEN ?2 = server_instance_id OR ?4 = environment_name THEN NULL
+                                   ELSE reset_detected END
          WHERE id = ?1",
         params![target, meta.server_instance_id, meta.deployment_id, meta.environment_name, meta.git_sha],
     )
@@ -150,8 +157,10 @@ pub fn record_deployment(conn: &Connection, target: i64, meta: &DeploymentMetada
 
 /// Moves the settled high-water mark (see the schema): only ever set by a drain that walked
 /// the journal in order, or lowered by an operator action that makes events due again.
-pub fn set_due_from(conn: &Connection, target: i64, seq: i64) -> Result<()> {
-    conn.execute("UPDATE targets SET due_from_seq = ?2 WHERE id = ?1", params![target, seq])
+/// Compare-and-set against `from`, the mark the drain started at: when an operator's
+/// `retry` lowered it meanwhile (retry does not wait for the drain lock), the lower mark wins.
+pub fn set_due_from(conn: &Connection, target: i64, from: i64, seq: i64) -> Result<()> {
+    conn.execute("UPDATE targets SET due_from_seq = ?3 WHERE id = ?1 AND due_from_seq = ?2", params![target, from, seq])
         .map(|_| ())
         .ctx("cannot update the target's delivery position")
 }

@@ -83,8 +83,9 @@ pub fn map_reply(event_ids: &[&str], reply: &HttpReply) -> Verdict {
         401 | 403 => Verdict::AuthFailed { error: error_text },
         408 | 429 => Verdict::Transient { error: error_text, retry_after: reply.retry_after },
         501 => Verdict::RejectAll { error: error_text },
-        500..=599 => Verdict::Transient { error: error_text, retry_after: reply.retry_after },
-        400..=499 => Verdict::RejectAll { error: error_text },
+        // Guards, not ranges: the specific codes above take precedence over their class.
+        s if (500..=599).contains(&s) => Verdict::Transient { error: error_text, retry_after: reply.retry_after },
+        s if (400..=499).contains(&s) => Verdict::RejectAll { error: error_text },
         _ => Verdict::Transient { error: format!("unexpected HTTP {status} ({error_text})"), retry_after: None },
     }
 }
@@ -105,10 +106,7 @@ fn mentions_oversize(text: &str) -> bool {
 
 fn map_success(event_ids: &[&str], body: Option<&Value>) -> Verdict {
     let Some(results) = body.and_then(|b| b.get("results")).and_then(Value::as_array) else {
-        return Verdict::Transient {
-            error: "non-batch response (no 'results' list)".into(),
-            retry_after: None,
-        };
+        return Verdict::Transient { error: "non-batch response (no 'results' list)".into(), retry_after: None };
     };
     let mut by_id: HashMap<&str, &Value> = HashMap::new();
     for entry in results {
@@ -229,9 +227,14 @@ mod tests {
         assert!(matches!(map_reply(&ids, &reply(401, json!({}))), Verdict::AuthFailed { .. }));
         assert!(matches!(map_reply(&ids, &reply(403, json!({}))), Verdict::AuthFailed { .. }));
         assert!(matches!(map_reply(&ids, &reply(413, json!({}))), Verdict::TooLarge { .. }));
-        assert!(matches!(map_reply(&ids, &reply(500, json!({"error": "Payload too large"}))), Verdict::TooLarge { .. }));
+        assert!(matches!(
+            map_reply(&ids, &reply(500, json!({"error": "Payload too large"}))),
+            Verdict::TooLarge { .. }
+        ));
         assert!(matches!(map_reply(&ids, &reply(404, json!({}))), Verdict::RejectAll { .. }));
-        assert!(matches!(map_reply(&ids, &reply(422, json!({"error": "nope"}))), Verdict::RejectAll { error } if error == "nope"));
+        assert!(
+            matches!(map_reply(&ids, &reply(422, json!({"error": "nope"}))), Verdict::RejectAll { error } if error == "nope")
+        );
         assert!(matches!(map_reply(&ids, &reply(302, json!({}))), Verdict::Transient { .. }));
     }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use rusqlite::Transaction;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::{CapturePolicy, Inserted, Row, count_dropped, insert_row, tick_lamport};
@@ -81,7 +82,7 @@ pub(super) fn run(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match import_line(tx, policy, options, line, &mut dropped, &mut max_lamport) {
+        match import_line(tx, policy, options, line, &mut dropped, &mut max_lamport)? {
             Ok(LineOutcome::Captured) => report.captured += 1,
             Ok(LineOutcome::AlreadyPresent) => report.already_present += 1,
             Ok(LineOutcome::Dropped) => report.dropped += 1,
@@ -121,9 +122,14 @@ fn trim_line(buf: &[u8], first: bool) -> &[u8] {
     if first && let Some(rest) = line.strip_prefix(b"\xEF\xBB\xBF") {
         line = rest;
     }
-    line
+    // Whitespace around the object is not part of it: receivers store the JSON value alone,
+    // and the journal must hold the same bytes they do.
+    line.trim_ascii()
 }
 
+/// One line's verdict: `Ok(Err(text))` is a line error (reported, and fatal only to an
+/// all-or-nothing import); `Err(_)` is a store failure that aborts the whole import, because
+/// a database error says nothing about the line and must never be "skipped".
 fn import_line(
     tx: &Transaction<'_>,
     policy: &CapturePolicy,
@@ -131,38 +137,90 @@ fn import_line(
     line: &[u8],
     dropped: &mut HashMap<String, u64>,
     max_lamport: &mut Option<i64>,
-) -> std::result::Result<LineOutcome, String> {
-    let mut value: Value =
-        serde_json::from_slice(line).map_err(|e| EnvelopeError::InvalidJson(e.to_string()).to_string())?;
-    let (event_id, event_type, patched) = identify(&mut value, line, options)?;
-    let bytes: &[u8] = patched.as_deref().unwrap_or(line);
-    if policy.drops(&event_type, false) {
-        *dropped.entry(event_type).or_default() += 1;
-        return Ok(LineOutcome::Dropped);
+) -> Result<std::result::Result<LineOutcome, String>> {
+    let parsed = match parse_line(line, options) {
+        Ok(parsed) => parsed,
+        Err(error) => return Ok(Err(error)),
+    };
+    let bytes: &[u8] = parsed.patched.as_deref().unwrap_or(line);
+    if policy.drops(&parsed.event_type, false) {
+        *dropped.entry(parsed.event_type).or_default() += 1;
+        return Ok(Ok(LineOutcome::Dropped));
     }
-    let row = Row::captured(policy, &event_id, &event_type, bytes, None);
-    match insert_row(tx, &row).map_err(|e| e.to_string())? {
+    let row = Row::captured(policy, &parsed.event_id, &parsed.event_type, bytes, None);
+    match insert_row(tx, &row)? {
         Inserted::New { .. } => {
-            if let Some(clock) = value.get("lamport_clock").and_then(Value::as_i64) {
+            if let Some(clock) = parsed.lamport_clock {
                 *max_lamport = Some(max_lamport.map_or(clock, |m| m.max(clock)));
             }
-            Ok(LineOutcome::Captured)
+            Ok(Ok(LineOutcome::Captured))
         }
         Inserted::Exists { envelope, sha256 } => {
             let same = match envelope {
-                Some(stored) => canonical_bytes(&stored) == canonical_json(&value).into_bytes(),
+                // Identical bytes (a re-import) need no canonicalisation.
+                Some(stored) => stored == bytes || canonical_bytes(&stored) == canonical_bytes(bytes),
                 // Purged by gc: only the hash of the stored bytes is left.
                 None => Sha256::digest(bytes).as_slice() == sha256.as_slice(),
             };
             if same {
-                Ok(LineOutcome::AlreadyPresent)
+                Ok(Ok(LineOutcome::AlreadyPresent))
             } else {
-                Err(format!(
-                    "conflicting event_id {event_id}: the journal already holds different content under this id (stored bytes kept)"
-                ))
+                Ok(Err(format!(
+                    "conflicting event_id {}: the journal already holds different content under this id (stored bytes kept)",
+                    parsed.event_id
+                )))
             }
         }
     }
+}
+
+/// What import needs from a valid line.
+struct ParsedLine {
+    event_id: String,
+    event_type: String,
+    /// The bytes to store when `--default-type` had to add `event_type`.
+    patched: Option<Vec<u8>>,
+    lamport_clock: Option<i64>,
+}
+
+/// Only the fields import looks at, borrowed from the line. Deserialising this instead of a
+/// whole `Value` tree still validates the entire line as JSON (unknown fields are parsed and
+/// skipped) but allocates nothing for the payload: the bulk-import hot path.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    lamport_clock: Option<&'a RawValue>,
+}
+
+/// `None` only when the key is absent; an explicit `null` is `Some("null")`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+fn parse_line(line: &[u8], options: &ImportOptions) -> std::result::Result<ParsedLine, String> {
+    // Fast path for the common shape: an object whose `event_id` and `event_type` are plain
+    // strings. Anything else (not an object, duplicate keys, a null or missing type, …) takes
+    // the general path below, which decides exactly as before.
+    let is_object = line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if is_object && let Ok(head) = serde_json::from_slice::<Head<'_>>(line) {
+        let as_string = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok());
+        if let (Some(event_id), Some(event_type)) = (as_string(head.event_id), as_string(head.event_type))
+            && is_valid_ulid(&event_id)
+            && !event_type.trim().is_empty()
+        {
+            let lamport_clock = head.lamport_clock.and_then(|r| serde_json::from_str::<i64>(r.get()).ok());
+            return Ok(ParsedLine { event_id, event_type, patched: None, lamport_clock });
+        }
+    }
+    let mut value: Value =
+        serde_json::from_slice(line).map_err(|e| EnvelopeError::InvalidJson(e.to_string()).to_string())?;
+    let (event_id, event_type, patched) = identify(&mut value, line, options)?;
+    let lamport_clock = value.get("lamport_clock").and_then(Value::as_i64);
+    Ok(ParsedLine { event_id, event_type, patched, lamport_clock })
 }
 
 /// Validates identity; adds the default type when the line has none, returning the patched
@@ -227,5 +285,6 @@ mod tests {
         assert_eq!(trim_line(b"{}\r\n", false), b"{}");
         assert_eq!(trim_line(b"\xEF\xBB\xBF{}\n", true), b"{}");
         assert_eq!(trim_line(b"{}", false), b"{}");
+        assert_eq!(trim_line(b"  {\"a\": 1}\t \n", false), b"{\"a\": 1}");
     }
 }
