@@ -285,31 +285,45 @@ enum Sent {
 }
 
 impl Run<'_, '_> {
+    /// Pages through the due events in capture order. While one batch is in flight (and
+    /// recorded), the next is selected and compressed on a second, read-only connection:
+    /// its selection starts past the current batch, so it does not depend on the answer.
     fn walk(&mut self, team: Option<&str>) -> Result<()> {
+        let mut reader = Some(self.store.reader()?);
         let mut cursor = self.target.due_from_seq;
+        let first = self.due_query(team, cursor, self.remaining_budget());
+        let mut next = match (&reader, first) {
+            (Some(conn), Some(query)) => prefetch(conn, query, self.options.batch_bytes)?,
+            _ => None,
+        };
         loop {
-            let budget = self.remaining_budget();
-            if budget == 0 {
-                return Ok(());
-            }
-            let page = select_due(
-                self.store.conn(),
-                DueQuery {
-                    target: self.target.id,
-                    epoch: self.target.epoch,
-                    team,
-                    from_seq: cursor,
-                    limit: budget.min(self.options.batch_events as u64) as i64,
-                },
-            )?;
-            if page.is_empty() {
+            let Some(Prepared { batch, body }) = next.take() else {
                 return self.settle_tail(team, cursor);
-            }
-            let batch = cut_by_bytes(page, self.options.batch_bytes);
+            };
             let last_seq = batch.last().map(|e| e.seq).unwrap_or(cursor);
             cursor = last_seq + 1;
             self.summary.selected += batch.len() as u64;
-            let stop = self.deliver(&batch)?;
+            let following = self.due_query(team, cursor, self.remaining_budget());
+            let batch_bytes = self.options.batch_bytes;
+            let conn = reader.take();
+            let (stop, fetched, conn) = std::thread::scope(|scope| {
+                let handle = scope.spawn(move || {
+                    let fetched = match (&conn, following) {
+                        (Some(c), Some(query)) => prefetch(c, query, batch_bytes),
+                        _ => Ok(None),
+                    };
+                    (fetched, conn)
+                });
+                let stop = self.deliver_prepared(&batch, Some(body));
+                match handle.join() {
+                    Ok((fetched, conn)) => (stop, fetched, conn),
+                    Err(_) => {
+                        (stop, Err(Error::internal("the batch prefetch failed", "run `kitty-sync now` again")), None)
+                    }
+                }
+            });
+            reader = conn;
+            let stop = stop?;
             let first_open = self.first_unsettled(&batch)?;
             self.frontier.batch_done(last_seq, first_open);
             self.done += batch.len() as u64;
@@ -318,7 +332,18 @@ impl Run<'_, '_> {
                 self.summary.stop = Some(reason);
                 return Ok(());
             }
+            next = fetched?;
         }
+    }
+
+    fn due_query<'t>(&self, team: Option<&'t str>, from_seq: i64, budget: u64) -> Option<DueQuery<'t>> {
+        (budget > 0).then(|| DueQuery {
+            target: self.target.id,
+            epoch: self.target.epoch,
+            team,
+            from_seq,
+            limit: budget.min(self.options.batch_events as u64) as i64,
+        })
     }
 
     /// The walk found nothing more due from `cursor`. If everything before was settled too,
@@ -331,8 +356,9 @@ impl Run<'_, '_> {
         let tx = self.store.conn_mut().transaction().ctx("cannot start a read")?;
         let query = DueQuery { target: self.target.id, epoch: self.target.epoch, team, from_seq: cursor, limit: 1 };
         if select_due(&tx, query)?.is_empty() {
-            let max_seq: i64 =
-                tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)).ctx("cannot read the journal")?;
+            let max_seq: i64 = tx
+                .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))
+                .ctx("cannot read the journal")?;
             self.frontier.position = self.frontier.position.max(max_seq + 1);
         }
         tx.commit().ctx("cannot end a read")
@@ -348,8 +374,17 @@ impl Run<'_, '_> {
     /// Posts a batch and records what became of each event, splitting on 413 and bisecting
     /// a 400 without details. Returns why the drain must stop, if it must.
     fn deliver(&mut self, batch: &[DueEvent]) -> Result<Option<StopReason>> {
+        self.deliver_prepared(batch, None)
+    }
+
+    /// [`Run::deliver`] with the batch body already compressed (when it was prefetched).
+    fn deliver_prepared(&mut self, batch: &[DueEvent], body: Option<Vec<u8>>) -> Result<Option<StopReason>> {
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
-        let (verdict, status) = match self.send_with_retries(batch, &ids)? {
+        let body = match body {
+            Some(body) => body,
+            None => encode_batch(batch)?,
+        };
+        let (verdict, status) = match self.send_with_retries(&body, batch, &ids)? {
             Sent::Stopped(reason, status) => {
                 let error = match &reason {
                     StopReason::Transient { error } | StopReason::Auth { error } => error.clone(),
@@ -426,8 +461,7 @@ impl Run<'_, '_> {
         if good.is_empty() { Ok(None) } else { self.deliver(&good) }
     }
 
-    fn send_with_retries(&mut self, batch: &[DueEvent], ids: &[&str]) -> Result<Sent> {
-        let body = encode_batch(batch)?;
+    fn send_with_retries(&mut self, body: &[u8], batch: &[DueEvent], ids: &[&str]) -> Result<Sent> {
         let mut renewed = false;
         let mut attempt = 0u32;
         loop {
@@ -603,6 +637,23 @@ fn describe(status: Option<u16>, error: &str) -> String {
         Some(s) if !error.contains(&s.to_string()) => format!("HTTP {s}: {error}"),
         _ => error.to_string(),
     }
+}
+
+/// A selected batch and its compressed body.
+struct Prepared {
+    batch: Vec<DueEvent>,
+    body: Vec<u8>,
+}
+
+/// Selects the next page, cuts it to the byte bound and compresses it.
+fn prefetch(conn: &rusqlite::Connection, query: DueQuery<'_>, batch_bytes: usize) -> Result<Option<Prepared>> {
+    let page = select_due(conn, query)?;
+    if page.is_empty() {
+        return Ok(None);
+    }
+    let batch = cut_by_bytes(page, batch_bytes);
+    let body = encode_batch(&batch)?;
+    Ok(Some(Prepared { batch, body }))
 }
 
 /// Keeps the leading events whose `{"events":[...]}` body stays within `max_bytes` (at least one).

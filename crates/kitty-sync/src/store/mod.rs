@@ -77,6 +77,16 @@ impl Store {
         &mut self.conn
     }
 
+    /// A second, read-only connection to the same store (for reading ahead while this
+    /// connection writes).
+    pub fn reader(&self) -> Result<Connection> {
+        let uri = format!("file:{}?mode=ro", uri_escape(&self.path));
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&self.path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
+        Ok(conn)
+    }
+
     /// Size of the database file plus its WAL, in bytes.
     pub fn file_bytes(&self) -> u64 {
         let main = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
@@ -86,10 +96,8 @@ impl Store {
 
     fn configure_writer(&self) -> Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&self.path, e))?;
-        let mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| open_error(&self.path, e))?;
+        let mode: String =
+            self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(|e| open_error(&self.path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::StoreUnusable {
                 message: format!("{}: cannot switch the store to WAL mode (got {mode})", self.path.display()),
@@ -149,12 +157,11 @@ impl Store {
             return Err(not_our_store(&self.path));
         }
         let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| open_error(&path, e))?;
+        let tx =
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| open_error(&path, e))?;
         // Another process may have migrated while we waited for the write lock.
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).ctx("cannot read the store version")?;
+        let version: i64 =
+            tx.query_row("PRAGMA user_version", [], |r| r.get(0)).ctx("cannot read the store version")?;
         for (index, step) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
             tx.execute_batch(step).ctx(&format!("cannot apply store migration {}", index + 1))?;
         }
@@ -220,13 +227,13 @@ fn open_error(path: &Path, e: rusqlite::Error) -> Error {
             message: format!("{} is damaged or not a database: {e}", path.display()),
             hint: "restore event-sync/ from a backup, or move the file aside to start a new store".into(),
         },
-        Some(rusqlite::ErrorCode::CannotOpen) | Some(rusqlite::ErrorCode::ReadOnly) | Some(rusqlite::ErrorCode::PermissionDenied) => {
-            Error::Store {
-                context: format!("cannot open the store {}", path.display()),
-                hint: format!("check that {} and its directory are readable and writable", path.display()),
-                source: e,
-            }
-        }
+        Some(rusqlite::ErrorCode::CannotOpen)
+        | Some(rusqlite::ErrorCode::ReadOnly)
+        | Some(rusqlite::ErrorCode::PermissionDenied) => Error::Store {
+            context: format!("cannot open the store {}", path.display()),
+            hint: format!("check that {} and its directory are readable and writable", path.display()),
+            source: e,
+        },
         _ => Error::store(format!("cannot open the store {}", path.display()), e),
     }
 }
