@@ -54,7 +54,10 @@ fn main() {
     let first = time(|| run(&home, &["now", "-q"]));
     println!("now (first no-op drain after a direct ledger fill, {big_n} events): {:.0} ms", ms(first));
     println!("now (already delivered, {big_n} events): median {:.1} ms", median_ms(&home, &["now", "-q"], 7));
-    println!("status --json ({big_n} events, 1 target): median {:.1} ms", median_ms(&home, &["status", "--json", "-q"], 5));
+    println!(
+        "status --json ({big_n} events, 1 target): median {:.1} ms",
+        median_ms(&home, &["status", "--json", "-q"], 5)
+    );
     drop(server);
 }
 
@@ -87,7 +90,8 @@ fn file_mb(path: &Path) -> u64 {
 fn mark_delivered_directly(home: &Path, endpoint: &str) {
     let home = Home::at(home);
     let store = Store::open(&home).expect("store");
-    let receiver = ExternalReceiver::new(Some(endpoint), None, HttpClient::new(Duration::from_secs(5))).expect("receiver");
+    let receiver =
+        ExternalReceiver::new(Some(endpoint), None, HttpClient::new(Duration::from_secs(5))).expect("receiver");
     let record = target::register(store.conn(), receiver.identity(), 0).expect("target");
     store
         .conn()

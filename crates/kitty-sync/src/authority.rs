@@ -109,6 +109,16 @@ impl TargetAuthority {
                 env.as_deref().unwrap_or_default()
             ));
         }
+        // The env and the file are not validated when they are written by hand; say so once
+        // here rather than letting every request fail later with a transport error.
+        if let Err(e) = crate::target_url::canonicalize(&resolved) {
+            let (source, fix) = if env.is_some() {
+                (SAAS_URL_ENV, format!("set {SAAS_URL_ENV} to a valid URL or unset it"))
+            } else {
+                ("[sync] server_url", "set a valid one with `kitty-sync server URL`".to_string())
+            };
+            warnings.push(format!("the server URL from {source} cannot be used: {e}; {fix}"));
+        }
         let credentials = inputs.credentials.as_ref();
         let user_id = credentials.and_then(|c| c.username.clone());
         let team_slug = credentials.and_then(|c| c.team_slug.clone());
@@ -236,6 +246,20 @@ mod tests {
         assert!(a.warnings.is_empty());
         let blank = AuthorityInputs { env_server_url: Some("  ".into()), ..Default::default() };
         assert_eq!(TargetAuthority::resolve(&blank).env_server_url, None);
+    }
+
+    #[test]
+    fn unusable_urls_are_a_warning() {
+        let inputs = AuthorityInputs { env_server_url: Some("ftp://x".into()), ..Default::default() };
+        let a = TargetAuthority::resolve(&inputs);
+        assert_eq!(a.resolved_server_url, "ftp://x", "the env still wins");
+        assert_eq!(a.warnings.len(), 2, "{:?}", a.warnings);
+        assert!(a.warnings[1].contains(SAAS_URL_ENV) && a.warnings[1].contains("ftp"), "{:?}", a.warnings);
+        let inputs = AuthorityInputs { configured_server_url: Some("http://example.com".into()), ..Default::default() };
+        let a = TargetAuthority::resolve(&inputs);
+        assert_eq!(a.warnings.len(), 1);
+        assert!(a.warnings[0].contains("[sync] server_url") && a.warnings[0].contains("loopback"), "{:?}", a.warnings);
+        assert!(TargetAuthority::resolve(&AuthorityInputs::default()).warnings.is_empty());
     }
 
     #[test]

@@ -22,6 +22,14 @@ impl Home {
     /// `--home DIR`, else a non-empty `SPEC_KITTY_HOME` (verbatim), else `~/.spec-kitty`.
     pub fn resolve(flag: Option<&Path>) -> Result<Home> {
         if let Some(dir) = flag {
+            // An empty path would silently make the current directory the home (and write
+            // `config.toml` and `event-sync/` there).
+            if dir.as_os_str().is_empty() {
+                return Err(Error::usage(
+                    "--home is empty",
+                    "pass a directory, e.g. --home ~/.spec-kitty, or omit --home to use SPEC_KITTY_HOME or ~/.spec-kitty",
+                ));
+            }
             return Ok(Home::at(dir));
         }
         if let Some(dir) = std::env::var_os(HOME_ENV).filter(|v| !v.is_empty()) {
@@ -178,21 +186,71 @@ impl Config {
 }
 
 /// Edits `config.toml` in place: every other key, table and comment of the operator's file
-/// survives. A file that does not parse is refused, never overwritten.
+/// survives. A file that does not parse is refused, never overwritten. Prefer
+/// [`try_edit_config`] with [`set_config_string`]: indexing a document (`doc["t"]["k"]`)
+/// panics when `t` is not a table.
 pub fn edit_config(path: &Path, edit: impl FnOnce(&mut toml_edit::DocumentMut)) -> Result<()> {
+    try_edit_config(path, |doc| {
+        edit(doc);
+        Ok(())
+    })
+}
+
+/// [`edit_config`] with an edit that may refuse (see [`set_config_string`]); then the file is
+/// left untouched.
+pub fn try_edit_config(path: &Path, edit: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<()>) -> Result<()> {
     let text = read_optional(path)?.unwrap_or_default();
     let mut doc = text.parse::<toml_edit::DocumentMut>().map_err(|e| {
         let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(1);
         Error::usage(
             format!("{} is not valid TOML (line {line}): {}", path.display(), e.message().trim()),
-            format!("fix line {line} of {} by hand; kitty-sync will not overwrite a file it cannot read", path.display()),
+            format!(
+                "fix line {line} of {} by hand; kitty-sync will not overwrite a file it cannot read",
+                path.display()
+            ),
         )
     })?;
-    edit(&mut doc);
+    edit(&mut doc)?;
     if let Some(parent) = path.parent() {
         create_private_dir(parent)?;
     }
     write_atomically(path, doc.to_string().as_bytes(), None)
+}
+
+/// Sets `[table] key = "value"` in a `config.toml` document.
+///
+/// Why not `doc[table][key] = value(..)`: toml_edit's indexing panics when `table` exists but
+/// is not a table (`sync = "x"`, or `[[sync]]`), and a fresh value drops the operator's inline
+/// comment (`server_url = "…" # prod`). Here a non-table is a usage error naming the file, and
+/// the old value's surrounding whitespace and comments are kept.
+pub fn set_config_string(
+    doc: &mut toml_edit::DocumentMut,
+    path: &Path,
+    table: &str,
+    key: &str,
+    value: &str,
+) -> Result<()> {
+    let not_a_table = || {
+        Error::usage(
+            format!("{}: `{table}` is not a table, so `{table}.{key}` cannot be set", path.display()),
+            format!("edit {} by hand so that `{table}` is a [{table}] table; nothing was changed", path.display()),
+        )
+    };
+    let item = doc.entry(table).or_insert_with(toml_edit::table);
+    let table_like = item.as_table_like_mut().ok_or_else(not_a_table)?;
+    let mut new_value = toml_edit::Value::from(value);
+    match table_like.get_mut(key) {
+        Some(existing) => {
+            if let Some(old) = existing.as_value() {
+                *new_value.decor_mut() = old.decor().clone();
+            }
+            *existing = toml_edit::Item::Value(new_value);
+        }
+        None => {
+            table_like.insert(key, toml_edit::Item::Value(new_value));
+        }
+    }
+    Ok(())
 }
 
 /// Writes via a temporary file in the same directory, fsync, rename, fsync of the directory,
@@ -320,7 +378,8 @@ mod tests {
         assert!(err.to_string().contains("line 3"), "{err}");
         assert!(err.to_string().contains("config.toml"));
         let before = fs::read(&path).unwrap();
-        let err = edit_config(&path, |doc| doc["sync"]["server_url"] = toml_edit::value("https://y")).unwrap_err();
+        let err =
+            try_edit_config(&path, |doc| set_config_string(doc, &path, "sync", "server_url", "https://y")).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert_eq!(fs::read(&path).unwrap(), before, "a corrupt file is never overwritten");
     }
@@ -331,13 +390,35 @@ mod tests {
         let path = dir.path().join("config.toml");
         let original = "# operator notes\n[sync]\n# the server\nserver_url = \"https://old.example\" # inline\nbackground_daemon = \"manual\"\n\n[repo_defaults.\"a/b\"]\nenabled = true\n";
         fs::write(&path, original).unwrap();
-        edit_config(&path, |doc| doc["sync"]["server_url"] = toml_edit::value("https://new.example")).unwrap();
+        try_edit_config(&path, |doc| set_config_string(doc, &path, "sync", "server_url", "https://new.example"))
+            .unwrap();
         let text = fs::read_to_string(&path).unwrap();
-        assert!(text.contains("# operator notes"));
-        assert!(text.contains("# the server"));
-        assert!(text.contains("server_url = \"https://new.example\""));
-        assert!(text.contains("background_daemon = \"manual\""));
-        assert!(text.contains("[repo_defaults.\"a/b\"]"));
+        assert_eq!(text, original.replace("https://old.example", "https://new.example"), "only the value changed");
+        try_edit_config(&path, |doc| set_config_string(doc, &path, "event_sync", "mode", "opt_out")).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&original.replace("https://old.example", "https://new.example")), "{text}");
+        assert!(text.ends_with("[event_sync]\nmode = \"opt_out\"\n"), "{text}");
+    }
+
+    #[test]
+    fn setting_a_key_of_a_non_table_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        for original in ["sync = \"x\"\n", "[[sync]]\nserver_url = \"https://a.example\"\n"] {
+            fs::write(&path, original).unwrap();
+            let err =
+                try_edit_config(&path, |doc| set_config_string(doc, &path, "sync", "server_url", "https://b.example"))
+                    .unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains("config.toml"), "{err}");
+            assert_eq!(fs::read_to_string(&path).unwrap(), original);
+        }
+        fs::write(&path, "sync = { server_url = \"https://a.example\" } # inline table\n").unwrap();
+        try_edit_config(&path, |doc| set_config_string(doc, &path, "sync", "server_url", "https://b.example")).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "sync = { server_url = \"https://b.example\" } # inline table\n"
+        );
     }
 
     #[test]

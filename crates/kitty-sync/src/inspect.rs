@@ -135,13 +135,17 @@ fn read_targets(store: &Store, seq: i64) -> Result<Vec<TargetState>> {
         .ctx("cannot read targets")?;
     let rows = stmt
         .query_map([seq], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(4)?, TargetState {
-                target_id: r.get(1)?,
-                kind: r.get(2)?,
-                canonical_url: r.get(3)?,
-                status: r.get(5)?,
-                attempts: Vec::new(),
-            }))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(4)?,
+                TargetState {
+                    target_id: r.get(1)?,
+                    kind: r.get(2)?,
+                    canonical_url: r.get(3)?,
+                    status: r.get(5)?,
+                    attempts: Vec::new(),
+                },
+            ))
         })
         .ctx("cannot read targets")?;
     let mut targets = Vec::new();
@@ -156,7 +160,9 @@ fn read_targets(store: &Store, seq: i64) -> Result<Vec<TargetState>> {
 fn read_attempts(store: &Store, seq: i64, target: i64, epoch: i64) -> Result<Vec<Attempt>> {
     let mut stmt = store
         .conn()
-        .prepare_cached("SELECT at, outcome, http_status, error, epoch FROM attempts WHERE seq = ?1 AND target = ?2 ORDER BY id")
+        .prepare_cached(
+            "SELECT at, outcome, http_status, error, epoch FROM attempts WHERE seq = ?1 AND target = ?2 ORDER BY id",
+        )
         .ctx("cannot read attempts")?;
     let rows = stmt
         .query_map(params![seq, target], |r| {

@@ -79,7 +79,8 @@ const SAMPLE: [(&str, &str); 12] = [
 ];
 
 pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
-    let dir = tempfile::Builder::new().prefix("kitty-sync-demo-").tempdir().context("cannot create a temporary home")?;
+    let dir =
+        tempfile::Builder::new().prefix("kitty-sync-demo-").tempdir().context("cannot create a temporary home")?;
     let home = Home::at(&dir.path().join("home"));
     let a = DemoReceiver::start(dir.path(), "a")?;
     let b = DemoReceiver::start(dir.path(), "b")?;

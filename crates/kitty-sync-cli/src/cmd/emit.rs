@@ -48,10 +48,12 @@ pub struct EmitArgs {
     #[arg(long, value_name = "PATH|-")]
     jsonl: Option<String>,
     /// Event type for lines that have none
-    #[arg(long, value_name = "TYPE", requires = "jsonl")]
+    // `conflicts_with` as well as `requires`: clap waives a requirement on `--jsonl` when an
+    // argument conflicting with it (`--type`) is present, which silently ignored these flags.
+    #[arg(long, value_name = "TYPE", requires = "jsonl", conflicts_with = "event_type")]
     default_type: Option<String>,
     /// Write the valid lines and report the invalid ones (default: all or nothing)
-    #[arg(long, requires = "jsonl")]
+    #[arg(long, requires = "jsonl", conflicts_with = "event_type")]
     skip_invalid: bool,
 }
 
@@ -79,7 +81,10 @@ pub fn run(args: EmitArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
 fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Printer) -> Result<u8> {
     let event = new_event(args)?;
     let mut store = Store::open(&ctx.home)?;
-    let outcome = Journal::new(&mut store, policy).append(event)?;
+    let mut journal = Journal::new(&mut store, policy);
+    // `emit` is run once per event by hooks: keep its start-to-exit time to one durable commit.
+    journal.defer_checkpoint_on_close()?;
+    let outcome = journal.append(event)?;
     let mut report = EmitReport::default();
     let event_id = match &outcome {
         AppendOutcome::Captured { event_id, coalesced } => {
@@ -94,12 +99,15 @@ fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Pr
         }
         AppendOutcome::Dropped { event_id } => {
             report.dropped = 1;
-            printer.note(format!("dropped {event_id}: local-only event under opt-out mode (counted in `kitty-sync status`)"));
+            printer.note(format!(
+                "dropped {event_id}: local-only event under opt-out mode (counted in `kitty-sync status`)"
+            ));
             event_id.clone()
         }
     };
     if report.coalesced > 0 {
-        printer.note(format!("superseded {} earlier undelivered event(s) with the same coalesce key", report.coalesced));
+        printer
+            .note(format!("superseded {} earlier undelivered event(s) with the same coalesce key", report.coalesced));
     }
     if printer.json {
         report.event_ids = Some(vec![event_id]);
@@ -115,7 +123,10 @@ fn new_event(args: EmitArgs) -> Result<NewEvent> {
         (Some(text), _) => Some(parse_payload(text, "--payload")?),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::usage(format!("cannot read --payload-file {}: {e}", path.display()), "check the path and its permissions")
+                Error::usage(
+                    format!("cannot read --payload-file {}: {e}", path.display()),
+                    "check the path and its permissions",
+                )
             })?;
             Some(parse_payload(&text, &format!("--payload-file {}", path.display()))?)
         }
@@ -145,7 +156,11 @@ fn new_event(args: EmitArgs) -> Result<NewEvent> {
 
 fn parse_payload(text: &str, what: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| {
-        Error::usage(format!("{what} is not valid JSON: {e}"), "pass a JSON object, e.g. --payload '{\"key\":\"value\"}'").into()
+        Error::usage(
+            format!("{what} is not valid JSON: {e}"),
+            "pass a JSON object, e.g. --payload '{\"key\":\"value\"}'",
+        )
+        .into()
     })
 }
 
@@ -197,20 +212,50 @@ fn open_input(source: &str) -> Result<Box<dyn BufRead>> {
         Box::new(std::io::stdin())
     } else {
         let file = File::open(source).map_err(|e| {
-            Error::usage(format!("cannot read {source}: {e}"), "check that the file exists and is readable (use - for stdin)")
+            Error::usage(
+                format!("cannot read {source}: {e}"),
+                "check that the file exists and is readable (use - for stdin)",
+            )
         })?;
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::usage(format!("cannot read {source}: it is a directory"), "pass a JSON Lines file").into());
+            return Err(
+                Error::usage(format!("cannot read {source}: it is a directory"), "pass a JSON Lines file").into()
+            );
         }
         Box::new(file)
     };
-    let mut buffered = BufReader::with_capacity(256 * 1024, raw);
-    let head = buffered
-        .fill_buf()
-        .map_err(|e| Error::usage(format!("cannot read {source}: {e}"), "check that the input is readable"))?;
-    if head.starts_with(&[0x1f, 0x8b]) {
+    let mut raw = NamedRead { inner: raw, what: format!("cannot read {source}") };
+    // Read the two magic bytes before deciding: a pipe may deliver the first byte alone, and
+    // `BufRead::fill_buf` would then show only one.
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < magic.len() {
+        match raw.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::usage(e.to_string(), "check that the input is readable").into()),
+        }
+    }
+    let input = std::io::Cursor::new(magic[..got].to_vec()).chain(raw);
+    let buffered = BufReader::with_capacity(256 * 1024, input);
+    if magic[..got] == [0x1f, 0x8b] {
         let gz = flate2::bufread::MultiGzDecoder::new(buffered);
-        return Ok(Box::new(BufReader::with_capacity(256 * 1024, gz)));
+        let named = NamedRead { inner: gz, what: format!("{source}: invalid or truncated gzip data") };
+        return Ok(Box::new(BufReader::with_capacity(256 * 1024, named)));
     }
     Ok(Box::new(buffered))
+}
+
+/// Puts the input's name into read errors, so a failure half-way through (a truncated .gz,
+/// an I/O error) names the file instead of "the input".
+struct NamedRead<R> {
+    inner: R,
+    what: String,
+}
+
+impl<R: Read> Read for NamedRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("{} ({e})", self.what)))
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
-use kitty_sync::home::edit_config;
+use kitty_sync::home::{set_config_string, try_edit_config};
 use kitty_sync::mode::EventSyncMode;
 use kitty_sync::target_url::canonicalize;
 use serde::Serialize;
@@ -63,14 +63,16 @@ pub fn run(args: ModeArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
             }
         }
     }
-    edit_config(&ctx.home.config_path(), |doc| {
-        doc["event_sync"]["mode"] = toml_edit::value(mode.config_token());
+    let config_path = ctx.home.config_path();
+    try_edit_config(&config_path, |doc| {
+        set_config_string(doc, &config_path, "event_sync", "mode", mode.config_token())?;
         if let Some(url) = &endpoint {
-            doc["event_sync"]["external_endpoint"] = toml_edit::value(url.clone());
+            set_config_string(doc, &config_path, "event_sync", "external_endpoint", url)?;
         }
         if let Some(var) = &args.token_env {
-            doc["event_sync"]["external_token_env"] = toml_edit::value(var.clone());
+            set_config_string(doc, &config_path, "event_sync", "external_token_env", var)?;
         }
+        Ok(())
     })?;
     if let Some(var) = &args.token_env
         && std::env::var_os(var).is_none()
@@ -98,9 +100,18 @@ fn show(ctx: &Context, printer: &Printer) -> Result<()> {
     }
     printer.line(format!("{:<20} {}", "mode", report.mode));
     let target = match mode {
-        EventSyncMode::Teamspace => format!("{} (Teamspace)", ctx.authority.resolved_server_url),
-        EventSyncMode::ExternalReceiver => report.external_endpoint.clone().unwrap_or_else(|| "(no endpoint set)".into()),
-        EventSyncMode::LocalRetention | EventSyncMode::OptOut => "none (events are kept locally, never delivered)".into(),
+        EventSyncMode::Teamspace => {
+            // The line below shows the resolved server URL: a SPEC_KITTY_SAAS_URL override
+            // must be said (§4), as every command that uses the URL does.
+            ctx.warn_authority(printer);
+            format!("{} (Teamspace)", ctx.authority.resolved_server_url)
+        }
+        EventSyncMode::ExternalReceiver => {
+            report.external_endpoint.clone().unwrap_or_else(|| "(no endpoint set)".into())
+        }
+        EventSyncMode::LocalRetention | EventSyncMode::OptOut => {
+            "none (events are kept locally, never delivered)".into()
+        }
     };
     printer.line(format!("{:<20} {target}", "delivers to"));
     if let Some(endpoint) = &report.external_endpoint {

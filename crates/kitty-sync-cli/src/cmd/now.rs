@@ -96,15 +96,18 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         ..DrainOptions::default()
     };
     let bar = crate::output::Progress::bar(printer, "delivering");
-    let summary = drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| {
-        bar.update(done, total)
-    });
+    let summary =
+        drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| bar.update(done, total));
     bar.finish();
     let summary = match summary {
         Ok(summary) => summary,
         Err(e) => return refused(e),
     };
-    emit_report(&NowReport { mode: mode.display_name(), summary: Some(&summary), note: None, error: None }, &args, printer)?;
+    emit_report(
+        &NowReport { mode: mode.display_name(), summary: Some(&summary), note: None, error: None },
+        &args,
+        printer,
+    )?;
     print_failures(&summary, printer);
     if let Some(n) = summary.not_redeliverable.filter(|n| *n > 0) {
         printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));
@@ -166,10 +169,13 @@ fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<u8> {
     match &summary.stop {
         Some(StopReason::Auth { error }) => {
             let hint = match summary.target.kind {
-                TargetKind::Teamspace => "log in again with spec-kitty (`spec-kitty auth login`), then run `kitty-sync now`",
+                TargetKind::Teamspace => {
+                    "log in again with spec-kitty (`spec-kitty auth login`), then run `kitty-sync now`"
+                }
                 TargetKind::External => "check the token in the variable named by [event_sync] external_token_env",
             };
-            Err(Error::blocked(format!("the receiver refused our credentials ({error}); delivery stopped"), hint).into())
+            Err(Error::blocked(format!("the receiver refused our credentials ({error}); delivery stopped"), hint)
+                .into())
         }
         Some(StopReason::Transient { error }) => {
             printer.warn(format!("delivery stopped after retries: {error}"));

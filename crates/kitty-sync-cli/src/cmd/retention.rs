@@ -7,10 +7,14 @@ use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
 use kitty_sync::delivery::lock;
+use kitty_sync::delivery::receiver::{ExternalReceiver, HttpClient, Receiver, TeamspaceReceiver};
 use kitty_sync::delivery::retention::{self, parse_duration_ms};
+use kitty_sync::delivery::target::TargetIdentity;
 use kitty_sync::home::Home;
+use kitty_sync::mode::EventSyncMode;
 use kitty_sync::store::Store;
 
+use super::Context;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -39,8 +43,11 @@ pub struct GcArgs {
     wait: u64,
 }
 
-fn open_store(home: &Home) -> Result<Store> {
+/// The store for writing; for `--dry-run`, read-only (a dry run writes nothing, not even a
+/// WAL file).
+fn open_store(home: &Home, dry_run: bool) -> Result<Store> {
     match Store::open_read_only(home)? {
+        Some(store) if dry_run => Ok(store),
         Some(_) => Ok(Store::open(home)?),
         None => Err(Error::usage(
             format!("there is no journal in {} yet", home.root().display()),
@@ -50,16 +57,39 @@ fn open_store(home: &Home) -> Result<Store> {
     }
 }
 
+/// The target the configured mode delivers to: it counts as a known target for archive and gc
+/// even before its first drain, so switching targets never archives or purges events the new
+/// target has not received. `None` for modes that deliver nowhere.
+fn current_target(ctx: &Context, printer: &Printer) -> Result<Option<TargetIdentity>> {
+    let client = HttpClient::new(Duration::from_secs(5));
+    Ok(match ctx.config.mode()? {
+        EventSyncMode::Teamspace => {
+            ctx.warn_authority(printer);
+            Some(TeamspaceReceiver::new(&ctx.home, &ctx.authority, client)?.identity().clone())
+        }
+        EventSyncMode::ExternalReceiver => match ctx.config.external_endpoint.as_deref() {
+            Some(endpoint) => Some(ExternalReceiver::new(Some(endpoint), None, client)?.identity().clone()),
+            None => None,
+        },
+        EventSyncMode::LocalRetention | EventSyncMode::OptOut => None,
+    })
+}
+
 pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
-    let home = Home::resolve(home_flag)?;
+    let ctx = Context::load(home_flag)?;
+    let home = &ctx.home;
     let cutoff = match &args.older_than {
         Some(text) => Some(kitty_sync::clock::now_ms() - parse_duration_ms(text)?),
         None => None,
     };
-    let mut store = open_store(&home)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(&home, Duration::from_secs(args.wait), "archive")?) };
-    let report = retention::archive(&mut store, &home, args.out.as_deref(), cutoff, args.dry_run)?;
+    let current = current_target(&ctx, printer)?;
+    let mut store = open_store(home, args.dry_run)?;
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, Duration::from_secs(args.wait), "archive")?) };
+    let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), args.dry_run)?;
     if printer.json {
+        if let Some(note) = &report.note {
+            printer.note(format!("Nothing archived: {note}."));
+        }
         printer.json_doc(&report);
     } else {
         if let Some(note) = &report.note {
@@ -77,14 +107,20 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
 }
 
 pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
-    let home = Home::resolve(home_flag)?;
-    let mut store = open_store(&home)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(&home, Duration::from_secs(args.wait), "gc")?) };
+    let ctx = Context::load(home_flag)?;
+    let home = &ctx.home;
+    let current = current_target(&ctx, printer)?;
+    let mut store = open_store(home, args.dry_run)?;
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, Duration::from_secs(args.wait), "gc")?) };
     let bar = crate::output::Progress::bar(printer, "purging");
-    let report = retention::gc(&mut store, args.dry_run, &mut |done, total| bar.update(done, Some(total)));
+    let report =
+        retention::gc(&mut store, current.as_ref(), args.dry_run, &mut |done, total| bar.update(done, Some(total)));
     bar.finish();
     let report = report?;
     if printer.json {
+        if let Some(note) = &report.note {
+            printer.note(format!("Nothing purged: {note}."));
+        }
         printer.json_doc(&report);
         return Ok(0);
     }

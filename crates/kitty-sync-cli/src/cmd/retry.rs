@@ -54,7 +54,11 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
     } else {
         for s in &report.skipped {
             let status = s.status.as_deref().unwrap_or("never attempted");
-            printer.note(format!("skipped {}: {status} (only parked{} events are retried)", s.event_id, if args.rejected { " or rejected" } else { "" }));
+            printer.note(format!(
+                "skipped {}: {status} (only parked{} events are retried)",
+                s.event_id,
+                if args.rejected { " or rejected" } else { "" }
+            ));
         }
         printer.line(format!(
             "Requeued {} event(s) for {}; run `kitty-sync now` to deliver them.",

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::authority::{OverrideMode, TargetAuthority};
-use kitty_sync::home::edit_config;
+use kitty_sync::home::{set_config_string, try_edit_config};
 use kitty_sync::target_url::canonicalize;
 
 use super::Context;
@@ -29,8 +29,12 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
         return Ok(0);
     };
     let target = canonicalize(&url)?;
-    let stored = target.raw.trim_end_matches('/').to_string();
-    edit_config(&ctx.home.config_path(), |doc| doc["sync"]["server_url"] = toml_edit::value(stored.clone()))?;
+    // The canonical form, not the raw text: it drops user info (a password in the URL must
+    // not be stored in config.toml or echoed below), query and fragment (which would corrupt
+    // every `{server}/api/...` URL built from it), and normalises case and default ports.
+    let stored = target.canonical;
+    let config_path = ctx.home.config_path();
+    try_edit_config(&config_path, |doc| set_config_string(doc, &config_path, "sync", "server_url", &stored))?;
     let after = Context::load(home_flag)?;
     after.warn_authority(printer);
     if printer.json {
@@ -67,7 +71,10 @@ pub fn print_authority(a: &TargetAuthority, printer: &Printer) {
         ("team", or_unset(&a.team_slug)),
         ("queue scope", a.derived_queue_scope.clone()),
         ("legacy queue", a.queue_db_path.clone()),
-        ("active scope", format!("{status}{}", a.active_queue_scope.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())),
+        (
+            "active scope",
+            format!("{status}{}", a.active_queue_scope.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()),
+        ),
     ];
     for (label, value) in rows {
         printer.line(format!("{label:<20} {value}"));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use kitty_sync::status::{CurrentDelivery, StatusReport, build};
+use kitty_sync::status::{CurrentDelivery, JournalSection, StatusReport, build};
 
 use super::Context;
 use crate::output::Printer;
@@ -61,36 +61,29 @@ pub fn render(r: &StatusReport, ctx: &Context, printer: &Printer) {
     row("home", ctx.home.root().display().to_string());
     row("mode", r.mode.clone());
     let j = &r.event_journal;
-    row(
-        "journal",
-        format!(
-            "{} retained · {} archived · {} purged · {} coalesced · {} dropped",
-            j.retained_event_count,
-            j.archived_event_count,
-            j.purged_event_count,
-            j.coalesced_event_count,
-            j.dropped_event_count
-        ),
-    );
-    row(
-        "",
-        format!(
-            "oldest retained {} · payloads {} · store file {}",
-            j.oldest_retained_event_at.as_deref().unwrap_or("—"),
-            bytes(j.journal_size_bytes),
-            bytes(j.store_file_bytes as i64)
-        ),
-    );
+    if r.store_readable {
+        render_journal(j, &row);
+    } else {
+        // Zeros would read as "empty": the counts of a store that cannot be read are unknown.
+        row("journal", style.paint("31", "unreadable (see below); nothing was changed"));
+        row("", format!("store file {}", bytes(j.store_file_bytes as i64)));
+    }
     render_targets(r, printer, &row);
     let l = &r.delivery_ledger;
     row(
         "delivered",
-        format!("{} to current target · {} to previous targets", l.delivered_current_target, l.delivered_previous_target),
+        format!(
+            "{} to current target · {} to previous targets",
+            l.delivered_current_target, l.delivered_previous_target
+        ),
     );
     row("undelivered", format!("{} for the current target", l.undelivered_current_target));
     row(
         "ledger",
-        format!("{} pending · {} rejected · {} transient · {} parked", l.pending, l.rejected, l.transient, l.terminal_failed),
+        format!(
+            "{} pending · {} rejected · {} transient · {} parked",
+            l.pending, l.rejected, l.transient, l.terminal_failed
+        ),
     );
     if !j.drain_blocked.is_empty() {
         let parts: Vec<String> = j.drain_blocked.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -118,16 +111,46 @@ pub fn render(r: &StatusReport, ctx: &Context, printer: &Printer) {
     }
 }
 
+fn render_journal(j: &JournalSection, row: &dyn Fn(&str, String)) {
+    row(
+        "journal",
+        format!(
+            "{} retained · {} archived · {} purged · {} coalesced · {} dropped",
+            j.retained_event_count,
+            j.archived_event_count,
+            j.purged_event_count,
+            j.coalesced_event_count,
+            j.dropped_event_count
+        ),
+    );
+    row(
+        "",
+        format!(
+            "oldest retained {} · payloads {} · store file {}",
+            j.oldest_retained_event_at.as_deref().unwrap_or("—"),
+            bytes(j.journal_size_bytes),
+            bytes(j.store_file_bytes as i64)
+        ),
+    );
+}
+
 fn render_targets(r: &StatusReport, printer: &Printer, row: &dyn Fn(&str, String)) {
     match &r.delivery_targets.current {
         Some(t) => {
-            let seen = t.first_seen_at.as_deref().map(|s| format!(", first seen {s}")).unwrap_or_else(|| ", never drained".into());
+            let seen = t
+                .first_seen_at
+                .as_deref()
+                .map(|s| format!(", first seen {s}"))
+                .unwrap_or_else(|| ", never drained".into());
             row("target", format!("{} ({}){seen}", t.canonical_url, t.kind.as_str_for_humans()));
         }
         None => row("target", "none (this mode delivers nowhere)".into()),
     }
     for t in &r.delivery_targets.previous {
-        row("previous", format!("{} ({}): {} delivered", t.canonical_url, t.kind.as_str_for_humans(), t.delivered_count));
+        row(
+            "previous",
+            format!("{} ({}): {} delivered", t.canonical_url, t.kind.as_str_for_humans(), t.delivered_count),
+        );
     }
     let _ = printer;
 }
@@ -146,6 +169,9 @@ fn render_legacy(r: &StatusReport, row: &dyn Fn(&str, String)) {
         );
         if migrated < q.files.len() {
             row("", "run `kitty-sync migrate` to bring them into the journal".into());
+        }
+        for f in q.files.iter().filter(|f| f.error.is_some()) {
+            row("", format!("cannot read {}: {}", f.path, f.error.as_deref().unwrap_or_default()));
         }
     }
 }

@@ -466,7 +466,7 @@ impl Run<'_, '_> {
         let mut attempt = 0u32;
         loop {
             self.summary.batches += 1;
-            let (verdict, status) = match self.receiver.post_batch(&body) {
+            let (verdict, status) = match self.receiver.post_batch(body) {
                 Ok(reply) => (map_reply(ids, &reply), Some(reply.status)),
                 Err(e) => (Verdict::Transient { error: e.to_string(), retry_after: None }, None),
             };

@@ -73,7 +73,12 @@ impl HttpClient {
         HttpClient { agent: build(timeout), health_agent: build(timeout.min(Duration::from_secs(3))) }
     }
 
-    pub fn post(&self, url: &str, headers: &[(&str, String)], body: &[u8]) -> std::result::Result<HttpReply, TransportError> {
+    pub fn post(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> std::result::Result<HttpReply, TransportError> {
         let mut request = self.agent.post(url);
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
@@ -95,8 +100,7 @@ impl HttpClient {
 
 fn read_reply(mut response: ureq::http::Response<ureq::Body>) -> std::result::Result<HttpReply, TransportError> {
     let status = response.status().as_u16();
-    let retry_after =
-        response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
     let body = response
         .body_mut()
         .with_config()
@@ -249,7 +253,8 @@ impl TeamspaceReceiver {
         }
         let json: Value = serde_json::from_slice(&reply.body).map_err(|_| refresh_failed("the answer is not JSON"))?;
         let pick = |keys: &[&str]| keys.iter().find_map(|k| json.get(*k).and_then(Value::as_str)).map(str::to_string);
-        let access = pick(&["access", "access_token"]).ok_or_else(|| refresh_failed("no access token in the answer"))?;
+        let access =
+            pick(&["access", "access_token"]).ok_or_else(|| refresh_failed("no access token in the answer"))?;
         self.credentials.access_token = Some(access);
         if let Some(refresh) = pick(&["refresh", "refresh_token"]) {
             self.credentials.refresh_token = Some(refresh);

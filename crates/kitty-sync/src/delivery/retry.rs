@@ -45,7 +45,12 @@ pub struct SkippedEvent {
 const REQUEUE_NOTE: &str = "requeued by operator (kitty-sync retry)";
 
 /// Requeues `event_ids` (or, when empty, every event of the target in the selected states).
-pub fn requeue(store: &mut Store, target: &TargetRecord, event_ids: &[String], sel: RetrySelection) -> Result<RetryReport> {
+pub fn requeue(
+    store: &mut Store,
+    target: &TargetRecord,
+    event_ids: &[String],
+    sel: RetrySelection,
+) -> Result<RetryReport> {
     let statuses = sel.statuses();
     let mut report = RetryReport { target_id: target.target_id.clone(), ..Default::default() };
     let tx = store.conn_mut().transaction().ctx("cannot start the retry")?;
@@ -75,7 +80,10 @@ pub fn requeue(store: &mut Store, target: &TargetRecord, event_ids: &[String], s
                 .optional()
                 .ctx("cannot read the journal")?;
             let (seq, status) = row.ok_or_else(|| {
-                Error::usage(format!("no event with id {id} in the journal"), "check the id with `kitty-sync inspect ID`")
+                Error::usage(
+                    format!("no event with id {id} in the journal"),
+                    "check the id with `kitty-sync inspect ID`",
+                )
             })?;
             out.push((seq, id.clone(), status));
         }

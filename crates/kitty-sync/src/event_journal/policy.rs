@@ -63,11 +63,7 @@ impl TeamspaceGates {
         let now = jiff::Timestamp::now();
         let credentials = home.load_credentials().ok().flatten();
         let auth_present = credentials.as_ref().is_some_and(|c| c.has_usable_access(now) || c.can_refresh(now));
-        TeamspaceGates {
-            saas_enabled: saas_sync_enabled(),
-            auth_present,
-            team_known: authority.team_slug.is_some(),
-        }
+        TeamspaceGates { saas_enabled: saas_sync_enabled(), auth_present, team_known: authority.team_slug.is_some() }
     }
 
     /// The first failing gate in the contract's order.
@@ -115,8 +111,14 @@ mod tests {
     fn gate_order() {
         let all_on = TeamspaceGates { saas_enabled: true, auth_present: true, team_known: true };
         assert_eq!(all_on.first_blocker(), None);
-        assert_eq!(TeamspaceGates { saas_enabled: false, auth_present: false, team_known: false }.first_blocker(), Some(BlockedReason::SaasDisabled));
-        assert_eq!(TeamspaceGates { auth_present: false, team_known: false, ..all_on }.first_blocker(), Some(BlockedReason::MissingAuth));
+        assert_eq!(
+            TeamspaceGates { saas_enabled: false, auth_present: false, team_known: false }.first_blocker(),
+            Some(BlockedReason::SaasDisabled)
+        );
+        assert_eq!(
+            TeamspaceGates { auth_present: false, team_known: false, ..all_on }.first_blocker(),
+            Some(BlockedReason::MissingAuth)
+        );
         assert_eq!(TeamspaceGates { team_known: false, ..all_on }.first_blocker(), Some(BlockedReason::MissingTeam));
     }
 

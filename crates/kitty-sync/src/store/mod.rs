@@ -46,11 +46,12 @@ impl Store {
         if !path.exists() {
             return Ok(None);
         }
-        // A clean shutdown leaves no -wal file; then `immutable` reads the database without
-        // creating -wal/-shm (a read-only command creates no file, and works on a read-only
-        // home). With a -wal present a writer may be active: read through the WAL.
+        // With no frames in the WAL (no file, or an empty one after a checkpoint) `immutable`
+        // reads the database without creating -wal/-shm: a read-only command creates no file
+        // and works on a read-only home. With frames present, read through the WAL.
         let wal = PathBuf::from(format!("{}-wal", path.display()));
-        let mode = if wal.exists() { "mode=ro" } else { "immutable=1" };
+        let wal_has_frames = std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false);
+        let mode = if wal_has_frames { "mode=ro" } else { "immutable=1" };
         let uri = format!("file:{}?{mode}", uri_escape(&path));
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&path, e))?;
@@ -96,6 +97,14 @@ impl Store {
 
     fn configure_writer(&self) -> Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&self.path, e))?;
+        let page_count: i64 =
+            self.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).map_err(|e| open_error(&self.path, e))?;
+        if page_count == 0 {
+            // Only for a brand-new file, before anything (even WAL mode) writes page 1: new
+            // stores give freed pages back incrementally, so gc never has to rewrite the
+            // whole file. On an existing store the pragma would rewrite page 1 on every open.
+            self.conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(|e| open_error(&self.path, e))?;
+        }
         let mode: String =
             self.conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(|e| open_error(&self.path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -156,6 +165,7 @@ impl Store {
         if version == 0 && self.has_any_table()? {
             return Err(not_our_store(&self.path));
         }
+
         let path = self.path.clone();
         let tx =
             self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| open_error(&path, e))?;

@@ -182,9 +182,18 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u16),
-        Deliver { seq: u8, target: u8, status: u8 },
-        State { seq: u8, state: u8 },
+        Deliver {
+            seq: u8,
+            target: u8,
+            status: u8,
+        },
+        State {
+            seq: u8,
+            state: u8,
+        },
         Coalesce(u8),
+        /// gc's purge, which adjusts the counters itself instead of through the trigger.
+        Purge(u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -193,6 +202,7 @@ mod tests {
             (1u8..30, 1u8..4, 0u8..6).prop_map(|(seq, target, status)| Op::Deliver { seq, target, status }),
             (1u8..30, 0u8..3).prop_map(|(seq, state)| Op::State { seq, state }),
             (1u8..30).prop_map(Op::Coalesce),
+            (1u8..30).prop_map(Op::Purge),
         ]
     }
 
@@ -212,7 +222,11 @@ mod tests {
             Op::Deliver { seq, target, status } => {
                 let (seq, target, status) = (i64::from(*seq), i64::from(*target), STATUSES[usize::from(*status)]);
                 let before: Option<String> = conn
-                    .query_row("SELECT status FROM ledger WHERE target = ?1 AND epoch = 0 AND seq = ?2", params![target, seq], |r| r.get(0))
+                    .query_row(
+                        "SELECT status FROM ledger WHERE target = ?1 AND epoch = 0 AND seq = ?2",
+                        params![target, seq],
+                        |r| r.get(0),
+                    )
                     .ok();
                 let was_delivered = matches!(before.as_deref(), Some("success" | "duplicate"));
                 // The dispatcher's rules: a delivered row is never demoted, and first
@@ -228,11 +242,18 @@ mod tests {
                 }
             }
             Op::State { seq, state } => {
-                conn.execute("UPDATE events SET state = ?2 WHERE seq = ?1", params![i64::from(*seq), i64::from(*state)])
-                    .unwrap();
+                conn.execute(
+                    "UPDATE events SET state = ?2 WHERE seq = ?1",
+                    params![i64::from(*seq), i64::from(*state)],
+                )
+                .unwrap();
             }
             Op::Coalesce(seq) => {
                 conn.execute("UPDATE events SET coalesced_into = 'X' WHERE seq = ?1", [i64::from(*seq)]).unwrap();
+            }
+            Op::Purge(seq) => {
+                let seq = i64::from(*seq);
+                crate::delivery::retention::purge_range(conn, seq, seq + 2, 0, 1).unwrap();
             }
         }
     }

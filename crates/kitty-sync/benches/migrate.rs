@@ -1,0 +1,185 @@
+//! Legacy migration throughput: 10 spec-kitty 3.2.3 queue files (exact DDL) holding 100,000
+//! rows of realistic ~800-byte Python-encoded envelopes, migrated into a fresh journal.
+//! Target: ≤ 3 s. Run with `cargo bench -p kitty-sync --bench migrate`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
+use kitty_sync::home::Home;
+use kitty_sync::legacy::{self, MigrateOptions};
+use rusqlite::{Connection, params};
+
+const FILES: usize = 10;
+const ROWS: usize = 100_000;
+const TARGET: Duration = Duration::from_secs(3);
+
+const DDL_323: &str = r#"
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT UNIQUE NOT NULL,
+    event_type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    retry_count INTEGER DEFAULT 0,
+    coalesce_key TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_timestamp ON queue(timestamp);
+CREATE INDEX IF NOT EXISTS idx_retry ON queue(retry_count);
+CREATE INDEX IF NOT EXISTS idx_coalesce_key ON queue(coalesce_key);
+CREATE TABLE IF NOT EXISTS body_upload_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_uuid TEXT NOT NULL,
+    mission_slug TEXT NOT NULL,
+    target_branch TEXT NOT NULL,
+    mission_type TEXT NOT NULL,
+    manifest_version TEXT NOT NULL,
+    artifact_path TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    hash_algorithm TEXT NOT NULL DEFAULT 'sha256',
+    content_body TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0.0,
+    created_at REAL NOT NULL,
+    last_error TEXT,
+    UNIQUE(project_uuid, mission_slug, target_branch, mission_type, manifest_version, artifact_path, content_hash)
+);
+CREATE INDEX IF NOT EXISTS idx_body_queue_next_attempt ON body_upload_queue(next_attempt_at);
+CREATE INDEX IF NOT EXISTS idx_body_queue_namespace ON body_upload_queue(project_uuid, mission_slug, target_branch);
+CREATE TABLE IF NOT EXISTS body_upload_failure_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_uuid TEXT NOT NULL,
+    mission_slug TEXT NOT NULL,
+    target_branch TEXT NOT NULL,
+    mission_type TEXT NOT NULL,
+    manifest_version TEXT NOT NULL,
+    artifact_path TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    hash_algorithm TEXT NOT NULL DEFAULT 'sha256',
+    size_bytes INTEGER NOT NULL,
+    failure_reason TEXT NOT NULL,
+    failure_count INTEGER NOT NULL DEFAULT 1,
+    first_failed_at REAL NOT NULL,
+    last_failed_at REAL NOT NULL,
+    UNIQUE(project_uuid, mission_slug, target_branch, mission_type, manifest_version, artifact_path, content_hash, failure_reason)
+);
+CREATE INDEX IF NOT EXISTS idx_body_failure_last_failed_at ON body_upload_failure_log(last_failed_at DESC);
+"#;
+
+/// A 26-character Crockford id, unique per (file, row).
+fn event_id(n: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut out = *b"01KJ0000000000000000000000";
+    let mut v = n;
+    for slot in out.iter_mut().rev().take(10) {
+        *slot = ALPHABET[v % 32];
+        v /= 32;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An envelope as spec-kitty 3.2.3 wrote it: `json.dumps` defaults, insertion order.
+fn envelope(id: &str, n: usize) -> String {
+    format!(
+        "{{\"event_id\": \"{id}\", \"event_type\": \"WPStatusChanged\", \"aggregate_id\": \"WP{w:02}\", \
+         \"aggregate_type\": \"WorkPackage\", \"schema_version\": \"3.0.0\", \"build_id\": \"01KHG5W0X0KJHYYQJATAB2A96V\", \
+         \"payload\": {{\"mission_slug\": \"073-teamspace-ingress\", \"wp_id\": \"WP{w:02}\", \"from_lane\": \"planned\", \
+         \"to_lane\": \"doing\", \"actor\": \"claude\", \"note\": \"Progress note #{n} \\u2014 caf\\u00e9 \\ud83d\\ude00\", \
+         \"execution_mode\": \"worktree\"}}, \"node_id\": \"a1b2c3d4e5f6\", \"lamport_clock\": {n}, \
+         \"causation_id\": null, \"correlation_id\": \"01KHG5W0X0KJHYYQJATAB2A96V\", \
+         \"timestamp\": \"2026-02-27T16:05:08.123456+00:00\", \"team_slug\": \"team-gamma\", \
+         \"project_uuid\": \"424b1fee-9709-4315-85d9-5954058b4714\", \"project_slug\": \"spec-kitty\", \
+         \"git_branch\": \"main\", \"head_commit_sha\": \"3f9c2a7d1e4b5a6c7d8e9f0a1b2c3d4e5f6a7b8c\", \
+         \"repo_slug\": \"priivacy-ai/spec-kitty\", \"drain_blocked_reason\": null}}",
+        w = n % 12
+    )
+}
+
+fn generate(home: &Path) {
+    let queues = home.join("queues");
+    std::fs::create_dir_all(&queues).expect("create queues/");
+    let per_file = ROWS / FILES;
+    for f in 0..FILES {
+        let mut conn = Connection::open(queues.join(format!("queue-{f:016x}.db"))).expect("open legacy queue");
+        conn.execute_batch(DDL_323).expect("3.2.3 DDL");
+        let tx = conn.transaction().expect("begin");
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO queue (event_id, event_type, data, timestamp) VALUES (?1, 'WPStatusChanged', ?2, ?3)",
+                )
+                .expect("prepare");
+            for i in 0..per_file {
+                let n = f * per_file + i;
+                let id = event_id(n);
+                insert.execute(params![id, envelope(&id, n), 1_772_208_308 + n as i64]).expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home_dir = dir.path().join("home");
+    let started = Instant::now();
+    generate(&home_dir);
+    let generated = started.elapsed();
+    let legacy_bytes: u64 = std::fs::read_dir(home_dir.join("queues"))
+        .expect("list")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let home = Home::at(&home_dir);
+    let authority = TargetAuthority::resolve(&AuthorityInputs::default());
+
+    let timed = |dry_run: bool| {
+        let cpu = cpu_time();
+        let started = Instant::now();
+        let report =
+            legacy::migrate(&home, &authority, &MigrateOptions { dry_run }, &mut |_| {}).expect("migration runs");
+        (Phase { wall: started.elapsed(), cpu: cpu_time().saturating_sub(cpu) }, report)
+    };
+    let (dry, dry_report) = timed(true);
+    let (real, report) = timed(false);
+    let (rerun, rerun_report) = timed(false);
+    assert_eq!(dry_report.totals.imported, ROWS as u64);
+    assert_eq!(report.totals.imported, ROWS as u64);
+    assert_eq!(report.totals.source_errors + report.totals.invalid_rows + report.totals.conflicts, 0);
+    assert_eq!(rerun_report.totals.deduped, ROWS as u64);
+
+    println!(
+        "legacy input: {FILES} files, {ROWS} rows, {:.1} MiB (generated in {:.2?})",
+        legacy_bytes as f64 / 1_048_576.0,
+        generated
+    );
+    println!("migrate --dry-run : {dry}");
+    println!("migrate           : {real}  {:.0} rows/s", ROWS as f64 / real.wall.as_secs_f64());
+    println!("migrate (re-run)  : {rerun}  (all deduped)");
+    let verdict = if real.wall <= TARGET { "OK" } else { "SLOWER THAN TARGET (check the machine's load)" };
+    println!("target            : {TARGET:>9.3?} wall -> {verdict}");
+}
+
+struct Phase {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:>9.3?} wall, {:>9.3?} cpu (both threads)", self.wall, self.cpu)
+    }
+}
+
+/// User + system CPU time of this process so far (Linux `/proc/self/stat`, 100 Hz ticks), so
+/// the numbers mean something on a loaded machine too. Zero elsewhere.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields after the name start at `state` (field 3): utime is field 14, stime field 15.
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10)
+}
