@@ -67,7 +67,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let printer = Printer::new(cli.json, cli.quiet, cli.verbose);
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args, cli.home.as_deref(), &printer),
@@ -86,5 +89,18 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => ExitCode::from(printer.error(&err)),
+    }
+}
+
+/// clap's own message, plus the contract's `hint:` line; `--help`/`--version` exit 0.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => {
+            eprintln!("hint: run `kitty-sync --help` (or `kitty-sync COMMAND --help`) for the commands and flags");
+            ExitCode::from(2)
+        }
     }
 }

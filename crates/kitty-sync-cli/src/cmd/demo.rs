@@ -11,7 +11,7 @@ use clap::Args;
 use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, drain};
 use kitty_sync::delivery::receiver::{ExternalReceiver, HttpClient};
 use kitty_sync::event_journal::{CapturePolicy, Journal, NewEvent};
-use kitty_sync::home::{Home, edit_config};
+use kitty_sync::home::{Home, set_config_string, try_edit_config};
 use kitty_sync::mode::EventSyncMode;
 use kitty_sync::store::Store;
 use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStore};
@@ -143,9 +143,10 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
 /// Points the home at `receiver` (as `kitty-sync mode` would) and drains to it.
 fn drain_to(home: &Home, store: &mut Store, receiver: &DemoReceiver, label: &str) -> Result<String> {
     let endpoint = receiver.endpoint();
-    edit_config(&home.config_path(), |doc| {
-        doc["event_sync"]["mode"] = toml_edit::value(EventSyncMode::ExternalReceiver.config_token());
-        doc["event_sync"]["external_endpoint"] = toml_edit::value(endpoint.clone());
+    let path = home.config_path();
+    try_edit_config(&path, |doc| {
+        set_config_string(doc, &path, "event_sync", "mode", EventSyncMode::ExternalReceiver.config_token())?;
+        set_config_string(doc, &path, "event_sync", "external_endpoint", &endpoint)
     })?;
     let mut target = ExternalReceiver::new(Some(&endpoint), None, HttpClient::new(std::time::Duration::from_secs(10)))?;
     let summary: DrainSummary = drain(store, &mut target, &DrainOptions::default(), false, &mut |_, _| {})?;

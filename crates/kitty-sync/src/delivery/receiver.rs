@@ -275,22 +275,33 @@ fn refresh_failed(why: &str) -> Error {
     )
 }
 
-/// Rewrites the `[tokens]` of `credentials` atomically with mode 0600, keeping everything else.
+/// Rewrites the `[tokens]` of `credentials` atomically with mode 0600, keeping everything else
+/// (a file that no longer parses is left alone: the refreshed token is then used for this
+/// drain only).
 fn save_tokens(path: &std::path::Path, c: &Credentials) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut doc = text.parse::<toml_edit::DocumentMut>().unwrap_or_default();
-    let mut set = |key: &str, value: &Option<String>| match value {
-        Some(v) => doc["tokens"][key] = toml_edit::value(v.clone()),
-        None => {
-            if let Some(t) = doc.get_mut("tokens").and_then(|t| t.as_table_like_mut()) {
-                t.remove(key);
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let mut doc = text.parse::<toml_edit::DocumentMut>().map_err(|e| {
+        Error::usage(
+            format!("{} no longer parses as TOML ({}); the refreshed token was not saved", path.display(), e.message()),
+            "log in again with spec-kitty to rewrite the credentials file",
+        )
+    })?;
+    let fields = [
+        ("access", &c.access_token),
+        ("refresh", &c.refresh_token),
+        ("access_expires_at", &c.access_expires_at),
+        ("refresh_expires_at", &c.refresh_expires_at),
+    ];
+    for (key, value) in fields {
+        match value {
+            Some(v) => crate::home::set_config_string(&mut doc, path, "tokens", key, v)?,
+            None => {
+                if let Some(t) = doc.get_mut("tokens").and_then(|t| t.as_table_like_mut()) {
+                    t.remove(key);
+                }
             }
         }
-    };
-    set("access", &c.access_token);
-    set("refresh", &c.refresh_token);
-    set("access_expires_at", &c.access_expires_at);
-    set("refresh_expires_at", &c.refresh_expires_at);
+    }
     write_atomically(path, doc.to_string().as_bytes(), Some(0o600))
 }
 
