@@ -105,7 +105,13 @@ fn mark_delivered_directly(home: &Path, endpoint: &str) {
 }
 
 fn run(home: &Path, args: &[&str]) {
-    let status = Command::new(BIN).arg("--home").arg(home).args(args).status().expect("run kitty-sync");
+    let status = Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run kitty-sync");
     assert!(status.success(), "kitty-sync {args:?} failed: {status}");
 }
 
