@@ -1,6 +1,7 @@
 //! One output discipline for every command: human text or one JSON document on stdout;
 //! warnings, progress and errors on stderr.
 
+use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 
 use serde::Serialize;
@@ -10,11 +11,13 @@ pub struct Printer {
     pub quiet: bool,
     pub verbose: u8,
     stderr_tty: bool,
+    /// Whether this process already printed its one JSON document.
+    json_printed: Cell<bool>,
 }
 
 impl Printer {
     pub fn new(json: bool, quiet: bool, verbose: u8) -> Printer {
-        Printer { json, quiet, verbose, stderr_tty: std::io::stderr().is_terminal() }
+        Printer { json, quiet, verbose, stderr_tty: std::io::stderr().is_terminal(), json_printed: Cell::new(false) }
     }
 
     /// Human output (suppressed by `--json` and `--quiet`).
@@ -34,6 +37,7 @@ impl Printer {
     }
 
     pub fn json_doc<T: Serialize>(&self, value: &T) {
+        self.json_printed.set(true);
         let mut out = std::io::stdout().lock();
         match serde_json::to_string_pretty(value) {
             Ok(text) => {
@@ -61,20 +65,21 @@ impl Printer {
     }
 
     /// Renders an error with its hint and returns the exit code.
+    /// Renders an error with its hint on stderr and returns the exit code. Under `--json`, a
+    /// command that failed before printing its document prints `{"error": {...}}` instead, so
+    /// stdout still holds exactly one JSON document.
     pub fn error(&self, err: &anyhow::Error) -> u8 {
-        let mut stderr = std::io::stderr().lock();
-        match err.downcast_ref::<kitty_sync::Error>() {
-            Some(e) => {
-                let _ = writeln!(stderr, "error: {e}");
-                let _ = writeln!(stderr, "hint: {}", e.hint());
-                e.exit_code()
-            }
-            None => {
-                let _ = writeln!(stderr, "error: {err:#}");
-                let _ = writeln!(stderr, "hint: run again with -v for details; report it if it persists");
-                1
-            }
+        let (message, hint, code) = match err.downcast_ref::<kitty_sync::Error>() {
+            Some(e) => (e.to_string(), e.hint().to_string(), e.exit_code()),
+            None => (format!("{err:#}"), "run again with -v for details; report it if it persists".to_string(), 1),
+        };
+        if self.json && !self.json_printed.get() {
+            self.json_doc(&serde_json::json!({ "error": { "message": message, "hint": hint, "exit_code": code } }));
         }
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "error: {message}");
+        let _ = writeln!(stderr, "hint: {hint}");
+        code
     }
 }
 

@@ -783,3 +783,17 @@ fn gzip_on_stdin_is_detected_when_the_first_byte_arrives_alone() {
     assert_eq!(parse_json(&output)["captured"], 1);
     assert_eq!(stored(home.path(), ID_A).unwrap(), line.trim_end().as_bytes());
 }
+
+#[test]
+fn project_uuid_must_be_a_uuid() {
+    let home = tempfile::tempdir().unwrap();
+    let bad = ks(home.path()).args(["emit", "--type", "A", "--project-uuid", "not-a-uuid"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("hint:"));
+    assert!(!home.path().join("event-sync/kitty-sync.db").exists(), "nothing is captured or created");
+    let uuid = "8a4a7da6-a97c-4bb4-893a-b31664abfee4";
+    let doc = emit_json(home.path(), &["--type", "A", "--project-uuid", uuid]);
+    let id = doc["event_ids"][0].as_str().unwrap().to_string();
+    let shown = json_ok(ks(home.path()).args(["inspect", &id, "--json"]));
+    assert_eq!(shown["envelope"]["project_uuid"], uuid);
+}

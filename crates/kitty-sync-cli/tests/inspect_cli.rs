@@ -123,3 +123,16 @@ fn inspect_changes_nothing_in_an_existing_home() {
     let _ = ks(home.path()).args(["inspect", "01KVYWRGJEV7CEZW6J7GXEBN16"]).output().unwrap();
     assert_eq!(tree(home.path()), before);
 }
+
+#[test]
+fn a_failing_command_under_json_still_prints_one_json_document() {
+    let home = tempfile::tempdir().unwrap();
+    let output = ks(home.path()).args(["inspect", "01KVYWRGJEV7CEZW6J7GXEBN16", "--json"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let doc: Value = serde_json::from_slice(&output.stdout).expect("exactly one JSON document on stdout");
+    assert_eq!(doc["error"]["exit_code"], 2);
+    assert!(doc["error"]["message"].as_str().unwrap().contains("01KVYWRGJEV7CEZW6J7GXEBN16"));
+    assert!(!doc["error"]["hint"].as_str().unwrap().is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error:") && stderr.contains("hint:"), "{stderr}");
+}

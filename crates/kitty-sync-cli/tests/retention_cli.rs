@@ -164,7 +164,9 @@ fn archive_refuses_unwritable_or_existing_out() {
     assert_eq!(result.status.code(), Some(2));
     let err = text(&result.stderr);
     assert!(err.contains("already exists") && err.contains("hint:"), "{err}");
-    assert!(result.stdout.is_empty());
+    // --json: stdout still holds exactly one document, the error.
+    let doc: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(doc["error"]["exit_code"], 2);
     assert_eq!(std::fs::read_to_string(&existing).unwrap(), "keep me");
     assert_eq!(h.status()["event_journal"]["archived_event_count"], 0);
     // --older-than selects by capture time: the three are older than 1s, the new two are not.
@@ -325,7 +327,8 @@ fn gc_is_busy_during_a_drain_or_waits() {
     let busy = busy.expect("gc never saw the drain's lock");
     let err = text(&busy.stderr);
     assert!(err.contains("error:") && err.contains("hint:") && err.contains("--wait"), "{err}");
-    assert!(busy.stdout.is_empty());
+    let doc: serde_json::Value = serde_json::from_slice(&busy.stdout).unwrap();
+    assert_eq!(doc["error"]["exit_code"], 5);
     assert_eq!(h.run(&["archive"]).status.code(), Some(5));
     assert_eq!(h.status()["event_journal"]["purged_event_count"], 0);
 

@@ -149,9 +149,23 @@ fn new_event(args: EmitArgs) -> Result<NewEvent> {
         payload,
         coalesce_key: args.coalesce_key,
         occurred_at,
-        project_uuid: args.project_uuid,
+        project_uuid: args.project_uuid.map(|u| validate_uuid(&u)).transpose()?,
         local_only: args.local_only,
     })
+}
+
+/// `8-4-4-4-12` hex digits, kept as given (receivers join on this text).
+fn validate_uuid(text: &str) -> Result<String> {
+    let groups: Vec<&str> = text.split('-').collect();
+    let lengths_ok = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]);
+    if lengths_ok && groups.iter().all(|g| g.chars().all(|c| c.is_ascii_hexdigit())) {
+        return Ok(text.to_string());
+    }
+    Err(Error::usage(
+        format!("invalid --project-uuid {text:?}: expected a UUID like 8a4a7da6-a97c-4bb4-893a-b31664abfee4"),
+        "pass the project's UUID, or omit --project-uuid (project_uuid is then null)",
+    )
+    .into())
 }
 
 fn parse_payload(text: &str, what: &str) -> Result<serde_json::Value> {
