@@ -3,13 +3,14 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::process::{Command, Output, Stdio};
+use std::time::SystemTime;
 
 use serde_json::Value;
+
+#[path = "../common/mod.rs"]
+mod common;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
 
@@ -149,76 +150,33 @@ pub fn envelopes(prefix: &str, range: std::ops::Range<usize>, event_type: &str, 
     range.map(|n| envelope(prefix, n, event_type, pad)).collect()
 }
 
-/// A running `kitty-sync receiver serve`; killed when dropped.
+/// A built-in receiver whose database is `<dir>/<name>.db`; killed when dropped. A thin name
+/// over the delivery tests' launcher, so there is one way to start a receiver in the tests.
 pub struct ReceiverProcess {
-    child: Child,
+    inner: common::Receiver,
     /// `http://127.0.0.1:PORT`
     pub url: String,
-    pub db: PathBuf,
 }
 
 impl ReceiverProcess {
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> ReceiverProcess {
-        let db = dir.join(format!("{name}.db"));
-        let mut child = Command::new(BIN)
-            .args(["receiver", "serve", "--bind", "127.0.0.1:0", "--db"])
-            .arg(&db)
-            .args(extra)
-            .env_remove("SPEC_KITTY_HOME")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining so the receiver never blocks on a full pipe.
-            let mut sink = Vec::new();
-            let _ = reader.read_to_end(&mut sink);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let mut process = ReceiverProcess { child, url: String::new(), db };
-        match line.trim_end().strip_prefix("listening on ") {
-            Some(url) => process.url = url.to_string(),
-            None => {
-                let _ = process.child.kill();
-                let mut stderr = String::new();
-                let _ = process.child.stderr.take().map(|mut s| s.read_to_string(&mut stderr));
-                panic!("receiver did not start: {line:?}; stderr: {stderr}");
-            }
-        }
-        process
+        let inner = common::Receiver::start(&dir.join(format!("{name}.db")), extra);
+        let url = inner.base();
+        ReceiverProcess { inner, url }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("{}/api/v1/events/batch/", self.url)
+        self.inner.endpoint()
     }
 
     /// Stops the receiver for good (connections to its port are refused afterwards).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.inner.stop();
     }
 
     /// Event ids the receiver stored (`receiver dump --json`).
     pub fn stored_ids(&self) -> Vec<String> {
-        let out = Command::new(BIN).args(["receiver", "dump", "--json", "--db"]).arg(&self.db).output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let events = doc["events"].as_array().cloned().unwrap_or_default();
-        events.iter().filter_map(|e| e["event_id"].as_str().map(str::to_string)).collect()
-    }
-}
-
-impl Drop for ReceiverProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.inner.dump().ids()
     }
 }
 
