@@ -121,8 +121,14 @@ fn write_canonical_str(text: &str, out: &mut String) {
 
 /// Canonical form of raw bytes; bytes that are not JSON are their own canonical form.
 pub fn canonical_bytes(raw: &[u8]) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(value) => canonical_json(&value).into_bytes(),
+    // The borrowed parser writes exactly what `canonical_json` writes (tested there) without
+    // allocating a string per key.
+    match crate::canonical_json::Json::parse(raw) {
+        Ok(value) => {
+            let mut out = Vec::with_capacity(raw.len());
+            value.write_canonical(&mut out);
+            out
+        }
         Err(_) => raw.to_vec(),
     }
 }

@@ -2,6 +2,7 @@
 //! target, a ledger of what was delivered. The engine is synchronous and never prints.
 
 pub mod authority;
+mod canonical_json;
 pub mod clock;
 pub mod delivery;
 pub mod envelope;

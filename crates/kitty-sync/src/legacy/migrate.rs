@@ -13,9 +13,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::canonical::Json;
 use super::source::{self, Discovery, OpenSource, RawRow, ReadStop, ScopeStatus, SourceFile};
 use crate::authority::TargetAuthority;
+use crate::canonical_json::Json;
 use crate::envelope::{canonical_bytes, is_valid_ulid};
 use crate::error::{Error, Result, StoreContext};
 use crate::event_journal::{Inserted, Row, begin, insert_row, tick_lamport};

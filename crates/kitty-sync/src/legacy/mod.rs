@@ -15,7 +15,6 @@
 //! provenance is `known:`/`unknown:<digest>` or `legacy:queue.db` (3.2.4 wrote
 //! `unknown:legacy` and could never attach `known:`); a blocked migration exits 3, not 1.
 
-mod canonical;
 mod conflicts;
 mod migrate;
 mod report;

@@ -1,5 +1,6 @@
-//! The migration's hot loop parses every legacy envelope once to validate it and hash its
-//! canonical form. Parsing into `serde_json::Value` allocates a `String` for every key and
+//! Canonical JSON straight from bytes, for every place that compares stored or incoming
+//! envelopes (import dedup, migration, conflict hashes). The migration's hot loop parses every
+//! legacy envelope once to validate it and hash its canonical form. Parsing into `serde_json::Value` allocates a `String` for every key and
 //! string; this borrowed tree only allocates for strings that contain escapes, which roughly
 //! halves the cost of a typical envelope.
 //!
