@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-#[path = "../common/mod.rs"]
-mod common;
+
+use crate::common;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
 

@@ -1,7 +1,7 @@
 //! `kitty-sync inspect EVENT_ID` from the outside (§7): the stored envelope byte for byte, its
 //! capture metadata, and read-only behaviour.
 
-mod capture_support;
+use crate::capture_support;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! `kitty-sync emit` from the outside: the real binary, a temporary home, and the store read
 //! back read-only. Contract §5 and §7 (`emit`), issue 2 ("Capture", "Bad input").
 
-mod capture_support;
+use crate::capture_support;
 
 use std::io::Write;
 use std::path::Path;

@@ -1,8 +1,8 @@
 //! Issue 4, concurrent processes and crashes: one drain per home (exit 5 or `--wait`),
 //! capture during a drain, and `kill -9` of `now` at random moments.
-#![cfg(unix)]
 
-mod common;
+
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! Teamspace auth on the wire, against a scripted server: bearer + `X-Team-Slug` headers,
 //! one token refresh after a 401 (or before posting when the access token is expired), the
 //! credentials file rewritten atomically with mode 0600 and everything else kept.
-#![cfg(unix)]
 
-mod common;
+
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;

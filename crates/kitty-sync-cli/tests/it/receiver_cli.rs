@@ -1,5 +1,5 @@
 //! `kitty-sync receiver serve|dump` as a real process on 127.0.0.1:0.
-#![cfg(unix)]
+
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

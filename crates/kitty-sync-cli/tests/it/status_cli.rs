@@ -1,10 +1,10 @@
 //! `kitty-sync status` from the outside: the real binary, states built by real drains against
 //! real built-in receivers (child processes on 127.0.0.1:0), JSON numbers checked against what
 //! was done, read-only behaviour, `--check` exit codes, and insta snapshots of the reports.
-#![cfg(unix)]
 
-#[macro_use]
-mod status_support;
+
+
+use crate::status_support;
 
 use serde_json::{Value, json};
 use status_support::{ReceiverProcess, TestHome, envelopes, event_id, is_root, keys, sorted, tree};

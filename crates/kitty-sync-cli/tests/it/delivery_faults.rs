@@ -1,8 +1,8 @@
 //! Issue 4, receiver faults from the outside: every fault ends with the right ledger states,
 //! nothing lost, the right exit code and a useful message.
-#![cfg(unix)]
 
-mod common;
+
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

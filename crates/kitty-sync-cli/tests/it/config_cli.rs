@@ -2,7 +2,7 @@
 //! config.toml round-trips that keep the operator's text, validation, the
 //! `SPEC_KITTY_SAAS_URL` override, and read-only behaviour (§2).
 
-mod capture_support;
+use crate::capture_support;
 
 use std::path::Path;
 

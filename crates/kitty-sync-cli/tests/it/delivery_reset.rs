@@ -2,9 +2,9 @@
 //! receiver restarted on the same URL is detected, refused (exit 3, `--redrain` hint, shown
 //! by `status`), and `now --redrain` delivers every retained event again with the old
 //! attempts kept as history. After `gc`, `--redrain` reports what cannot be re-delivered.
-#![cfg(unix)]
 
-mod common;
+
+use crate::common;
 
 use std::path::Path;
 

@@ -1,10 +1,10 @@
 //! `kitty-sync archive` and `kitty-sync gc` from the outside: the real binary, states built by
 //! real drains against real built-in receivers, archive round trip, store file size before and
 //! after gc, history kept, the lock, and insta snapshots of the JSON reports.
-#![cfg(unix)]
 
-#[macro_use]
-mod status_support;
+
+
+use crate::status_support;
 
 use std::io::Read;
 use std::path::Path;

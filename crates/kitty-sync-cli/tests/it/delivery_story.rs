@@ -1,9 +1,9 @@
 //! Issue 4, the main stories from the outside: capture → deliver to A → switch to B →
 //! deliver the same bytes again → re-run posts nothing; Teamspace against a built-in
 //! receiver; gates; non-delivering modes; `--report`, `--limit`, `--batch-events`; `demo`.
-#![cfg(unix)]
 
-mod common;
+
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,23 @@
+//! The CLI's black-box tests, one binary (cargo's and uv's `tests/it` layout): one link step
+//! instead of one per file, and shared helpers compiled once.
+#![cfg(unix)]
+
+#[macro_use]
+mod status_support;
+mod capture_support;
+mod common;
+mod snapshot;
+
+mod config_cli;
+mod delivery_concurrency;
+mod delivery_faults;
+mod delivery_reset;
+mod delivery_story;
+mod delivery_teamspace;
+mod emit_cli;
+mod errors_cli;
+mod inspect_cli;
+mod migrate_cli;
+mod receiver_cli;
+mod retention_cli;
+mod status_cli;
