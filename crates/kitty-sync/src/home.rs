@@ -3,9 +3,9 @@
 //! `credentials` (read; rewritten only on token refresh).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use crate::atomic_write::write_atomically;
 use crate::error::{Error, Result};
 use crate::mode::EventSyncMode;
 
@@ -251,37 +251,6 @@ pub fn set_config_string(
         }
     }
     Ok(())
-}
-
-/// Writes via a temporary file in the same directory, fsync, rename, fsync of the directory,
-/// so readers see the old or the new file, never a torn one. Keeps the old file's mode unless
-/// `mode` is given.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let keep = fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o7777);
-            if let Some(bits) = mode.or(keep) {
-                file.set_permissions(fs::Permissions::from_mode(bits))?;
-            }
-        }
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
 }
 
 /// What kitty-sync reads from `credentials`. Token values never leave this struct in output.

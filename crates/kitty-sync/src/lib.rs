@@ -1,6 +1,7 @@
 //! kitty-sync engine: an append-only local event journal plus, per event and per delivery
 //! target, a ledger of what was delivered. The engine is synchronous and never prints.
 
+pub mod atomic_write;
 pub mod authority;
 mod canonical_json;
 pub mod clock;

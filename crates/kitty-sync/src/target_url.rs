@@ -27,6 +27,10 @@ pub fn canonicalize(input: &str) -> Result<TargetUrl> {
         return Err(invalid(raw, &format!("scheme {scheme:?} is not supported")));
     }
     let host = url.host().ok_or_else(|| invalid(raw, "it has no host"))?;
+    if has_empty_port(raw) {
+        // `Url` reads `host:` as the default port; an operator who typed a colon meant a port.
+        return Err(invalid(raw, "the port after ':' is empty"));
+    }
     if scheme == "http" && !is_loopback(&host) {
         return Err(Error::usage(
             format!("invalid URL {raw:?}: http:// is accepted only for loopback hosts"),
@@ -46,6 +50,14 @@ pub fn canonicalize(input: &str) -> Result<TargetUrl> {
     let origin = format!("{scheme}://{host_text}{port}");
     let path = url.path().trim_end_matches('/');
     Ok(TargetUrl { raw: raw.to_string(), canonical: format!("{origin}{path}"), origin })
+}
+
+/// `scheme://[userinfo@]host:/...`: the authority ends in a bare `:`.
+fn has_empty_port(raw: &str) -> bool {
+    let Some((_, rest)) = raw.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host_port.ends_with(':')
 }
 
 fn invalid(raw: &str, why: &str) -> Error {
@@ -94,7 +106,17 @@ mod tests {
 
     #[test]
     fn invalid_urls_are_usage_errors() {
-        for bad in ["ftp://x", "https://", "http://example.com", "example.com", "", "not a url", "http://10.0.0.1/"] {
+        for bad in [
+            "ftp://x",
+            "https://",
+            "http://example.com",
+            "example.com",
+            "",
+            "not a url",
+            "http://10.0.0.1/",
+            "http://127.0.0.1:/x",
+            "https://u:p@example.com:?q",
+        ] {
             let err = canonicalize(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
             assert!(!err.hint().is_empty());

@@ -66,6 +66,10 @@ struct ReportedError {
 
 pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
     let ctx = Context::load(home_flag)?;
+    if let Some(path) = &args.report {
+        // Before delivering: a report that cannot be written must not turn a done drain into a failure.
+        kitty_sync::atomic_write::check_destination(path)?;
+    }
     let mode = ctx.config.mode()?;
     let timeout = seconds(args.timeout, "--timeout")?;
     let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {

@@ -16,6 +16,7 @@ mod delivery_story;
 mod delivery_teamspace;
 mod emit_cli;
 mod errors_cli;
+mod hardening_cli;
 mod inspect_cli;
 mod migrate_cli;
 mod receiver_cli;
