@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::envelope::sha256_hex;
 use crate::error::Result;
-use crate::home::{Config, Credentials, Home};
+use crate::home::{Config, Credentials, CredentialsFile, Home};
 
 pub const SAAS_URL_ENV: &str = "SPEC_KITTY_SAAS_URL";
 pub const ENABLE_SAAS_SYNC_ENV: &str = "SPEC_KITTY_ENABLE_SAAS_SYNC";
@@ -52,17 +52,12 @@ pub struct AuthorityInputs {
 }
 
 impl AuthorityInputs {
-    /// Reads config, credentials, `active_queue_scope` and the environment. A credentials file
-    /// that cannot be read does not stop the caller; it becomes a warning.
-    pub fn gather(home: &Home, config: &Config) -> (AuthorityInputs, Vec<String>) {
-        let mut warnings = Vec::new();
-        let credentials = match home.load_credentials() {
-            Ok(c) => c,
-            Err(e) => {
-                warnings.push(format!("ignoring credentials: {e} (hint: {})", e.hint()));
-                None
-            }
-        };
+    /// Gathers config, the credentials read once by the caller, `active_queue_scope` and the
+    /// environment. A credentials file that cannot be read does not stop the caller; it
+    /// becomes a warning.
+    pub fn gather(home: &Home, config: &Config, credentials: &CredentialsFile) -> (AuthorityInputs, Vec<String>) {
+        let warnings = credentials.warning().into_iter().collect();
+        let credentials = credentials.credentials().cloned();
         let active_queue_scope = std::fs::read_to_string(home.active_queue_scope_path())
             .ok()
             .map(|s| s.trim().to_string())
@@ -148,8 +143,8 @@ impl TargetAuthority {
     }
 
     /// Resolves from the home and the process environment.
-    pub fn for_home(home: &Home, config: &Config) -> Result<TargetAuthority> {
-        let (inputs, mut warnings) = AuthorityInputs::gather(home, config);
+    pub fn for_home(home: &Home, config: &Config, credentials: &CredentialsFile) -> Result<TargetAuthority> {
+        let (inputs, mut warnings) = AuthorityInputs::gather(home, config, credentials);
         let mut authority = TargetAuthority::resolve(&inputs);
         authority.warnings.append(&mut warnings);
         Ok(authority)

@@ -12,6 +12,8 @@ use crate::mode::EventSyncMode;
 pub const HOME_ENV: &str = "SPEC_KITTY_HOME";
 pub const SYNC_DIR: &str = "event-sync";
 pub const STORE_FILE: &str = "kitty-sync.db";
+/// A token refresh is one HTTP round trip; waiting longer means something is stuck.
+const CREDENTIALS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -87,8 +89,44 @@ impl Home {
         Config::load(&self.config_path())
     }
 
-    pub fn load_credentials(&self) -> Result<Option<Credentials>> {
-        Credentials::load(&self.credentials_path())
+    /// Reads `credentials` once; see [`CredentialsFile`] for what a bad file means.
+    pub fn read_credentials(&self) -> CredentialsFile {
+        CredentialsFile::read(&self.credentials_path())
+    }
+
+    /// Serialises token refreshes (read, refresh, rewrite of `credentials`) between
+    /// kitty-sync processes. Inside `event-sync/`: the home itself is spec-kitty's too.
+    pub fn credentials_lock_path(&self) -> PathBuf {
+        self.sync_dir().join("credentials.lock")
+    }
+
+    /// Takes the credentials lock, waiting a little for another refresh to finish; released
+    /// when the returned file is dropped (or the process dies).
+    pub fn lock_credentials(&self) -> Result<fs::File> {
+        self.ensure_sync_dir()?;
+        let path = self.credentials_lock_path();
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("cannot open the lock file", &path, e))?;
+        let deadline = std::time::Instant::now() + CREDENTIALS_LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::busy(
+                        format!("another kitty-sync process is refreshing the token in {}", self.root.display()),
+                        "run the command again in a moment",
+                    ));
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(Error::io("cannot lock", &path, e)),
+            }
+        }
     }
 }
 
@@ -276,6 +314,60 @@ impl std::fmt::Debug for Credentials {
             .field("team_slug", &self.team_slug)
             .field("server_url", &self.server_url)
             .finish()
+    }
+}
+
+/// `credentials` as read once per process, with one policy for a file that cannot be used:
+/// capture goes on with a warning, `status` goes on (the warning names the file and line and
+/// Teamspace delivery shows as blocked), delivery to Teamspace stops with exit 2, external
+/// targets go on.
+#[derive(Debug, Clone)]
+pub enum CredentialsFile {
+    Absent,
+    Parsed(Credentials),
+    /// Present but not readable as TOML (or not UTF-8, or not readable at all).
+    Unreadable {
+        message: String,
+        hint: String,
+    },
+}
+
+impl CredentialsFile {
+    pub fn read(path: &Path) -> CredentialsFile {
+        match Credentials::load(path) {
+            Ok(None) => CredentialsFile::Absent,
+            Ok(Some(c)) => CredentialsFile::Parsed(c),
+            Err(e) => CredentialsFile::Unreadable { message: e.to_string(), hint: e.hint().to_string() },
+        }
+    }
+
+    /// The parsed credentials; `None` when absent or unreadable.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        match self {
+            CredentialsFile::Parsed(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// For commands that go on without the file: says that it is ignored, and why.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            CredentialsFile::Unreadable { message, hint } => {
+                Some(format!("ignoring credentials: {message} (hint: {hint})"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Delivery to Teamspace cannot go on with a file it cannot read: exit 2, naming the file
+    /// and line.
+    pub fn require_readable(&self) -> Result<()> {
+        match self {
+            CredentialsFile::Unreadable { message, hint } => {
+                Err(Error::usage(format!("cannot deliver to Teamspace: {message}"), hint.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

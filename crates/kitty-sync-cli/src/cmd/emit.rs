@@ -71,7 +71,7 @@ struct EmitReport {
 
 pub fn run(args: EmitArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
     let ctx = Context::load(home_flag)?;
-    let policy = CapturePolicy::for_home(&ctx.home, &ctx.config, &ctx.authority)?;
+    let policy = ctx.capture_policy(printer)?;
     match args.jsonl.clone() {
         Some(source) => run_import(&args, &source, &ctx, policy, printer),
         None => run_single(args, &ctx, policy, printer),

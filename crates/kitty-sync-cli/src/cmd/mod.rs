@@ -13,14 +13,19 @@ pub mod target;
 use std::path::Path;
 
 use kitty_sync::authority::TargetAuthority;
-use kitty_sync::home::{Config, Home};
+use kitty_sync::event_journal::CapturePolicy;
+use kitty_sync::home::{Config, CredentialsFile, Home};
+use kitty_sync::mode::EventSyncMode;
 
 use crate::output::Printer;
 
-/// Every command's shared start: the home, its config, and the one target authority.
+/// The settings of this process, resolved once (ripgrep's `HiArgs`): the home, its config,
+/// `credentials` read once with one failure policy, and the one target authority. Commands
+/// take what they need from here instead of reading files again.
 pub struct Context {
     pub home: Home,
     pub config: Config,
+    pub credentials: CredentialsFile,
     pub authority: TargetAuthority,
 }
 
@@ -28,8 +33,9 @@ impl Context {
     pub fn load(home_flag: Option<&Path>) -> kitty_sync::Result<Context> {
         let home = Home::resolve(home_flag)?;
         let config = home.load_config()?;
-        let authority = TargetAuthority::for_home(&home, &config)?;
-        Ok(Context { home, config, authority })
+        let credentials = home.read_credentials();
+        let authority = TargetAuthority::for_home(&home, &config, &credentials)?;
+        Ok(Context { home, config, credentials, authority })
     }
 
     /// Prints the authority's warnings (override, unreadable credentials) once, before any
@@ -37,6 +43,24 @@ impl Context {
     pub fn warn_authority(&self, printer: &Printer) {
         for warning in &self.authority.warnings {
             printer.warn(warning);
+        }
+    }
+
+    /// What capture needs. Capture never stops for `credentials`: an unreadable file is a
+    /// warning, and the events are captured as if it were absent.
+    pub fn capture_policy(&self, printer: &Printer) -> kitty_sync::Result<CapturePolicy> {
+        if let Some(warning) = self.credentials.warning() {
+            printer.warn(warning);
+        }
+        CapturePolicy::new(&self.config, &self.authority, self.credentials.credentials())
+    }
+
+    /// Delivery to Teamspace stops (exit 2, naming file and line) when `credentials` cannot be
+    /// read; other modes go on.
+    pub fn check_delivery(&self, mode: EventSyncMode) -> kitty_sync::Result<()> {
+        match mode {
+            EventSyncMode::Teamspace => self.credentials.require_readable(),
+            _ => Ok(()),
         }
     }
 }

@@ -71,6 +71,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         kitty_sync::atomic_write::check_destination(path)?;
     }
     let mode = ctx.config.mode()?;
+    ctx.check_delivery(mode)?;
     let timeout = seconds(args.timeout, "--timeout")?;
     let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {
         let note = format!("Event sync mode {mode}: events are retained locally; nothing is delivered in this mode.");
@@ -103,9 +104,16 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
     let summary =
         drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| bar.update(done, total));
     bar.finish();
+    // Whatever the drain's outcome: a rotated token that could not be saved is said, and fails.
+    let unsaved = receiver.finish();
     let summary = match summary {
         Ok(summary) => summary,
-        Err(e) => return refused(e),
+        Err(e) => {
+            if let Err(u) = &unsaved {
+                printer.warn(format!("{u} (hint: {})", u.hint()));
+            }
+            return refused(e);
+        }
     };
     emit_report(
         &NowReport { mode: mode.display_name(), summary: Some(&summary), note: None, error: None },
@@ -117,6 +125,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));
     }
     printer.line(final_line(&summary, mode.display_name()));
+    unsaved?;
     exit_code(&summary, printer)
 }
 

@@ -65,7 +65,7 @@ fn current_target(ctx: &Context, printer: &Printer) -> Result<Option<TargetIdent
     Ok(match ctx.config.mode()? {
         EventSyncMode::Teamspace => {
             ctx.warn_authority(printer);
-            Some(TeamspaceReceiver::new(&ctx.home, &ctx.authority, client)?.identity().clone())
+            Some(TeamspaceReceiver::new(&ctx.home, &ctx.authority, &ctx.credentials, client)?.identity().clone())
         }
         EventSyncMode::ExternalReceiver => match ctx.config.external_endpoint.as_deref() {
             Some(endpoint) => Some(ExternalReceiver::new(Some(endpoint), None, client)?.identity().clone()),

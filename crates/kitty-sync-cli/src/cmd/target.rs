@@ -20,7 +20,7 @@ pub fn active_receiver(
     match mode {
         EventSyncMode::Teamspace => {
             ctx.warn_authority(printer);
-            Ok(Some(Box::new(TeamspaceReceiver::new(&ctx.home, &ctx.authority, client)?)))
+            Ok(Some(Box::new(TeamspaceReceiver::new(&ctx.home, &ctx.authority, &ctx.credentials, client)?)))
         }
         EventSyncMode::ExternalReceiver => {
             let receiver = ExternalReceiver::new(

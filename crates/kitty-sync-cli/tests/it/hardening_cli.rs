@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::assert_cli_snapshot;
-use crate::common::{FakeResponse, FakeServer, Home};
+use crate::common::{self, FakeRequest, FakeResponse, FakeServer, Home, Run};
 
 fn external_home(server: &FakeServer) -> Home {
     let home = Home::new();
@@ -90,5 +90,257 @@ fn files_written_under_the_home_are_owner_only() {
     home.run(&["server", "https://new.example"]).expect(0);
     let mode = std::fs::metadata(home.path().join("config.toml")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let _ = json!(null);
+}
+
+// ---------------------------------------------------------------------------------------
+// Token refresh: under a lock, with the newest refresh token, never losing a rotated one.
+
+const REFRESH_PATH: &str = "/api/v1/token/refresh/";
+
+fn credentials(access: &str, refresh: &str, access_expires_at: &str) -> String {
+    format!(
+        "# spec-kitty's file\n[tokens]\naccess = \"{access}\"\nrefresh = \"{refresh}\"\n\
+         access_expires_at = \"{access_expires_at}\"\n\n[user]\nusername = \"u@example.com\"\nteam_slug = \"team-a\"\n"
+    )
+}
+
+fn write_private(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A home delivering to Teamspace at `server`, with `credentials` written 0600.
+fn teamspace_home(home: &mut Home, server: &FakeServer, text: &str) {
+    write_private(&home.path().join("credentials"), text);
+    home.set_env("SPEC_KITTY_ENABLE_SAAS_SYNC", "1");
+    home.set_env("SPEC_KITTY_SAAS_URL", &server.base());
+}
+
+/// Batches succeed with `Bearer <good>`, else 401; the refresh endpoint answers `refresh`.
+fn teamspace_server(
+    good: &'static str,
+    on_batch: impl Fn(&FakeRequest) + Send + Sync + 'static,
+    refresh: impl Fn(&FakeRequest) -> FakeResponse + Send + Sync + 'static,
+) -> FakeServer {
+    FakeServer::start(move |request| {
+        if request.path == REFRESH_PATH {
+            return refresh(request);
+        }
+        if !request.is_batch() {
+            return FakeResponse::text(404, "not found");
+        }
+        on_batch(request);
+        if request.header("authorization") == Some(&format!("Bearer {good}")) {
+            return FakeResponse::all_success(request);
+        }
+        FakeResponse::json(401, &json!({"detail": "token not valid"}))
+    })
+}
+
+fn refresh_body(request: &FakeRequest) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+    body["refresh"].as_str().unwrap_or_default().to_string()
+}
+
+fn assert_no_secrets(run: &Run, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(!run.stdout.contains(secret) && !run.stderr.contains(secret), "{secret} leaked: {run:?}");
+    }
+}
+
+#[test]
+fn refresh_sends_the_refresh_token_another_process_rotated_meanwhile() {
+    let mut home = Home::new();
+    let path = home.path().join("credentials");
+    // spec-kitty refreshes while our first batch is in flight: it rotates the refresh token.
+    let rotate = path.clone();
+    let server = teamspace_server(
+        "access-3",
+        move |request| {
+            if request.header("authorization") == Some("Bearer access-1") {
+                write_private(&rotate, &credentials("access-1", "refresh-2", "2099-01-01T00:00:00Z"));
+            }
+        },
+        |request| match refresh_body(request).as_str() {
+            "refresh-2" => FakeResponse::json(200, &json!({"access": "access-3", "refresh": "refresh-3"})),
+            _ => FakeResponse::json(401, &json!({"detail": "refresh token already used"})),
+        },
+    );
+    teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2099-01-01T00:00:00Z"));
+    home.capture(2, "T");
+    let (run, report) = home.now(&["--retries", "0"]);
+    assert_no_secrets(&run, &["access-1", "access-3", "refresh-1", "refresh-2", "refresh-3"]);
+    run.expect(0);
+    assert_eq!(report["delivered"], 2);
+    let sent: Vec<String> = server.requests().iter().filter(|r| r.path == REFRESH_PATH).map(refresh_body).collect();
+    assert_eq!(sent, vec!["refresh-2"], "the newest refresh token, never the used one");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("refresh = \"refresh-3\"") && text.contains("# spec-kitty's file"), "{text}");
+}
+
+#[test]
+fn a_token_another_process_refreshed_is_used_without_refreshing_again() {
+    let mut home = Home::new();
+    let path = home.path().join("credentials");
+    let rotate = path.clone();
+    let server = teamspace_server(
+        "access-2",
+        move |request| {
+            if request.header("authorization") == Some("Bearer access-1") {
+                write_private(&rotate, &credentials("access-2", "refresh-2", "2099-01-01T00:00:00Z"));
+            }
+        },
+        |_| FakeResponse::json(401, &json!({"detail": "must not be called"})),
+    );
+    teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2099-01-01T00:00:00Z"));
+    home.capture(2, "T");
+    let (run, report) = home.now(&["--retries", "0"]);
+    run.expect(0);
+    assert_eq!(report["delivered"], 2);
+    assert!(server.requests().iter().all(|r| r.path != REFRESH_PATH), "no refresh request");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("access = \"access-2\"") && text.contains("refresh = \"refresh-2\""), "{text}");
+}
+
+#[test]
+fn a_rotated_token_that_cannot_be_saved_is_used_for_this_run_and_reported() {
+    let mut home = Home::new();
+    let path = home.path().join("credentials");
+    let corrupt = path.clone();
+    let server = teamspace_server(
+        "access-2",
+        |_| {},
+        move |_| {
+            // The file turns unparsable between our read and our rewrite.
+            write_private(&corrupt, "[tokens\naccess = \"half-written\"\n");
+            FakeResponse::json(200, &json!({"access": "access-2", "refresh": "refresh-2"}))
+        },
+    );
+    teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2001-01-01T00:00:00Z"));
+    home.capture(2, "T");
+    let run = home.run(&["now", "--retries", "0"]);
+    assert_no_secrets(&run, &["access-1", "access-2", "refresh-1", "refresh-2"]);
+    assert_cli_snapshot!(home.path(), run);
+    let batches = server.batches();
+    assert_eq!(batches.len(), 1, "the drain goes on with the new token");
+    assert_eq!(batches[0].header("authorization"), Some("Bearer access-2"));
+    assert_eq!(batches[0].event_ids().len(), 2);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("[tokens\n"), "a file that does not parse is never overwritten: {text}");
+}
+
+#[test]
+fn leftovers_of_a_killed_rewrite_are_removed() {
+    let mut home = Home::new();
+    let server = teamspace_server(
+        "access-2",
+        |_| {},
+        |_| FakeResponse::json(200, &json!({"access": "access-2", "refresh": "refresh-2"})),
+    );
+    teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2001-01-01T00:00:00Z"));
+    let leftover = home.path().join(".credentials.tmp-4194305");
+    std::fs::write(&leftover, credentials("access-0", "refresh-0", "")).unwrap();
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    std::fs::File::options().write(true).open(&leftover).unwrap().set_modified(past).unwrap();
+    home.capture(1, "T");
+    home.now(&[]).0.expect(0);
+    assert!(!leftover.exists(), "the killed run's temp file (with tokens) is removed");
+    assert_only_private_token_files(home.path());
+}
+
+/// Every file under `dir` that holds a token is owner-only; no temp file is left.
+fn assert_only_private_token_files(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            assert_only_private_token_files(&path);
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        let has_token = bytes.windows(8).any(|w| w == b"refresh-" || w == b"access-\"");
+        if has_token {
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "{} is readable by others", path.display());
+        }
+    }
+}
+
+#[test]
+fn kill_9_during_token_rewrites_leaves_the_old_or_the_new_file_owner_only() {
+    let mut home = Home::new();
+    let server = teamspace_server(
+        "access-new",
+        |_| {},
+        |_| FakeResponse::json(200, &json!({"access": "access-new", "refresh": "refresh-new"})),
+    );
+    let old = credentials("access-old", "refresh-old", "2001-01-01T00:00:00Z");
+    teamspace_home(&mut home, &server, &old);
+    home.capture(1, "T");
+    let path = home.path().join("credentials");
+    for i in 0..16u64 {
+        write_private(&path, &old);
+        let mut child = home.spawn(&["now"]);
+        std::thread::sleep(std::time::Duration::from_millis(2 + i * 3));
+        common::kill9(&mut child);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed: toml_edit::DocumentMut = text.parse().unwrap_or_else(|e| panic!("torn credentials ({e}):\n{text}"));
+        let refresh = parsed["tokens"]["refresh"].as_str().unwrap();
+        let access = parsed["tokens"]["access"].as_str().unwrap();
+        assert!(
+            (access, refresh) == ("access-old", "refresh-old") || (access, refresh) == ("access-new", "refresh-new"),
+            "{text}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_only_private_token_files(home.path());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One policy for an unparsable `credentials` (line 3 below is broken).
+
+const BROKEN_CREDENTIALS: &str = "[tokens]\naccess = \"a\"\nrefresh = = \"r\"\n";
+
+#[test]
+fn capture_goes_on_with_a_warning_naming_file_and_line() {
+    let home = Home::new();
+    home.write_credentials(BROKEN_CREDENTIALS);
+    let run = home.run(&["emit", "--type", "T", "--event-id", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+    assert_cli_snapshot!(home.path(), run);
+}
+
+#[test]
+fn status_goes_on_and_is_not_ok_when_teamspace_needs_the_file() {
+    let mut home = Home::new();
+    home.write_credentials(BROKEN_CREDENTIALS);
+    home.set_env("SPEC_KITTY_ENABLE_SAAS_SYNC", "1");
+    let run = home.run(&["status", "--json"]).expect(0);
+    let status = run.json();
+    assert_eq!(status["ok"], false);
+    let warnings = status["target_authority"]["warnings"].to_string();
+    assert!(warnings.contains("credentials") && warnings.contains("line 3"), "{warnings}");
+    home.run(&["status", "--check"]).expect(3);
+    home.external("http://127.0.0.1:9/api/v1/events/batch/");
+    let status = home.run(&["status", "--json"]).expect(0).json();
+    assert_eq!(status["ok"], true, "external targets do not need credentials: {status:#}");
+}
+
+#[test]
+fn now_to_teamspace_stops_with_exit_2_naming_file_and_line() {
+    let mut home = Home::new();
+    home.write_credentials(BROKEN_CREDENTIALS);
+    home.set_env("SPEC_KITTY_ENABLE_SAAS_SYNC", "1");
+    home.capture(1, "T");
+    let run = home.run(&["now"]);
+    assert_cli_snapshot!(home.path(), run);
+}
+
+#[test]
+fn now_to_an_external_target_goes_on() {
+    let server = FakeServer::start(FakeResponse::all_success);
+    let home = external_home(&server);
+    home.write_credentials(BROKEN_CREDENTIALS);
+    home.capture(2, "T");
+    let (run, report) = home.now(&[]);
+    run.expect(0);
+    assert_eq!(report["delivered"], 2);
 }

@@ -26,7 +26,7 @@ pub fn filters(home: &Path) -> Vec<(String, String)> {
         (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)".into(), "[time]".into()),
         (r"tgt_[a-z0-9_]+_[0-9a-f]{32}".into(), "[target-id]".into()),
         (r"\b[0-9A-HJKMNP-TV-Z]{26}\b".into(), "[ulid]".into()),
-        (r"\bin \d+(\.\d+)?(ms|s|µs)\b".into(), "in [elapsed]".into()),
+        (r"\bin \d+(\.\d+)? ?(ms|s|µs)\b".into(), "in [elapsed]".into()),
     ]
 }
 

@@ -1,16 +1,16 @@
 //! Receivers: where a drain posts batches. One trait for every kind, so the dispatcher has
 //! one path; each receiver declares its own gates, endpoint, headers and auth renewal.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::target::{DeploymentMetadata, TargetIdentity, TargetKind};
 use super::wire::{HttpReply, parse_retry_after};
-use crate::authority::{TargetAuthority, saas_sync_enabled};
+use crate::authority::TargetAuthority;
 use crate::error::{Error, Result};
-use crate::home::{Credentials, Home, write_atomically};
+use crate::event_journal::TeamspaceGates;
+use crate::home::{Credentials, CredentialsFile, Home, write_atomically};
 use crate::target_url::canonicalize;
 
 /// Batch endpoint path on a Teamspace-compatible server (trailing slash required).
@@ -49,6 +49,11 @@ pub trait Receiver {
     fn renew_auth(&mut self) -> Result<bool>;
     /// Deployment facts from the health endpoint; `None` when the server has none.
     fn health(&mut self) -> Option<DeploymentMetadata>;
+    /// After the drain, whatever its outcome: what the receiver could not persist (a rotated
+    /// token it could not save) as an error the command must report.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The HTTP client every receiver shares.
@@ -213,17 +218,24 @@ pub struct TeamspaceReceiver {
     identity: TargetIdentity,
     server: String,
     batch_url: String,
-    credentials_path: PathBuf,
+    home: Home,
     credentials: Credentials,
-    saas_enabled: bool,
     refreshed: bool,
+    /// A rotated token that could not be written back (reported by `finish`).
+    unsaved: Option<Error>,
     client: HttpClient,
 }
 
 impl TeamspaceReceiver {
-    pub fn new(home: &Home, authority: &TargetAuthority, client: HttpClient) -> Result<TeamspaceReceiver> {
+    /// `credentials` is the file as the process read it once; an unreadable file leaves the
+    /// `missing_auth` gate closed (the caller decides whether that stops it).
+    pub fn new(
+        home: &Home,
+        authority: &TargetAuthority,
+        credentials: &CredentialsFile,
+        client: HttpClient,
+    ) -> Result<TeamspaceReceiver> {
         let target = canonicalize(&authority.resolved_server_url)?;
-        let credentials = home.load_credentials()?.unwrap_or_default();
         let server = authority.resolved_server_url.trim_end_matches('/').to_string();
         Ok(TeamspaceReceiver {
             identity: TargetIdentity {
@@ -234,17 +246,68 @@ impl TeamspaceReceiver {
             },
             batch_url: format!("{server}{BATCH_PATH}"),
             server,
-            credentials_path: home.credentials_path(),
-            credentials,
-            saas_enabled: saas_sync_enabled(),
+            home: home.clone(),
+            credentials: credentials.credentials().cloned().unwrap_or_default(),
             refreshed: false,
+            unsaved: None,
             client,
         })
     }
 
-    fn refresh(&mut self) -> Result<()> {
-        let refresh_token = self.credentials.refresh_token.clone().unwrap_or_default();
-        let body = serde_json::json!({ "refresh": refresh_token }).to_string();
+    /// Renews the access token, once per drain. Under the credentials lock, the file is read
+    /// again first: another process (spec-kitty, another kitty-sync) may have refreshed and
+    /// rotated the refresh token meanwhile, and a used refresh token must never be sent. Its
+    /// newer access token is then taken as is; otherwise the newest refresh token is sent and
+    /// the answer written back under the same lock. `false` when there is nothing to refresh
+    /// with.
+    fn refresh(&mut self) -> Result<bool> {
+        self.refreshed = true;
+        let path = self.home.credentials_path();
+        let _lock = self.home.lock_credentials()?;
+        let latest = match CredentialsFile::read(&path) {
+            CredentialsFile::Parsed(c) => c,
+            CredentialsFile::Absent => return Err(refresh_failed(&format!("{} no longer exists", path.display()))),
+            CredentialsFile::Unreadable { message, hint } => {
+                return Err(Error::usage(format!("cannot refresh the Teamspace token: {message}"), hint));
+            }
+        };
+        self.check_same_login(&latest)?;
+        let now = jiff::Timestamp::now();
+        if latest.access_token != self.credentials.access_token && latest.has_usable_access(now) {
+            self.credentials = latest;
+            return Ok(true);
+        }
+        if !latest.can_refresh(now) {
+            return Ok(false);
+        }
+        let mut updated = latest;
+        self.request_tokens(&mut updated)?;
+        self.credentials = updated;
+        if let Err(e) = save_tokens(&path, &self.credentials) {
+            // The server has rotated the tokens: the old refresh token in the file is used up.
+            // Keep delivering with the new ones (held in memory only) and say so at the end.
+            self.unsaved = Some(unsaved_tokens(&path, &e));
+        }
+        Ok(true)
+    }
+
+    /// Tokens of another user or team (a new login meanwhile) must not carry this drain's
+    /// events, which were selected for this target's team.
+    fn check_same_login(&self, latest: &Credentials) -> Result<()> {
+        let team = latest.team_slug.clone().unwrap_or_default();
+        let user = latest.username.clone().unwrap_or_default();
+        if team == self.identity.team_slug && user == self.identity.user_email {
+            return Ok(());
+        }
+        Err(Error::blocked(
+            "the Teamspace login in credentials changed during this run (another user or team); nothing more was sent",
+            "run `kitty-sync now` again to deliver as the new login",
+        ))
+    }
+
+    /// POSTs the refresh token of `tokens` and puts the answer into it.
+    fn request_tokens(&self, tokens: &mut Credentials) -> Result<()> {
+        let body = serde_json::json!({ "refresh": tokens.refresh_token.clone().unwrap_or_default() }).to_string();
         let url = format!("{}{REFRESH_PATH}", self.server);
         let headers = [("Content-Type", "application/json".to_string())];
         let reply = self.client.post(&url, &headers, body.as_bytes()).map_err(|e| refresh_failed(&e.to_string()))?;
@@ -255,16 +318,15 @@ impl TeamspaceReceiver {
         let pick = |keys: &[&str]| keys.iter().find_map(|k| json.get(*k).and_then(Value::as_str)).map(str::to_string);
         let access =
             pick(&["access", "access_token"]).ok_or_else(|| refresh_failed("no access token in the answer"))?;
-        self.credentials.access_token = Some(access);
+        tokens.access_token = Some(access);
         if let Some(refresh) = pick(&["refresh", "refresh_token"]) {
-            self.credentials.refresh_token = Some(refresh);
+            tokens.refresh_token = Some(refresh);
         }
-        self.credentials.access_expires_at = pick(&["access_expires_at", "expires_at"]);
+        tokens.access_expires_at = pick(&["access_expires_at", "expires_at"]);
         if let Some(at) = pick(&["refresh_expires_at"]) {
-            self.credentials.refresh_expires_at = Some(at);
+            tokens.refresh_expires_at = Some(at);
         }
-        self.refreshed = true;
-        save_tokens(&self.credentials_path, &self.credentials)
+        Ok(())
     }
 }
 
@@ -275,14 +337,26 @@ fn refresh_failed(why: &str) -> Error {
     )
 }
 
-/// Rewrites the `[tokens]` of `credentials` atomically with mode 0600, keeping everything else
-/// (a file that no longer parses is left alone: the refreshed token is then used for this
-/// drain only).
+fn unsaved_tokens(path: &std::path::Path, cause: &Error) -> Error {
+    Error::internal(
+        format!(
+            "the Teamspace server rotated the tokens, but {} could not be rewritten ({cause}); the new tokens were used for this run only",
+            path.display()
+        ),
+        format!(
+            "the refresh token left in {} is used up: fix the file, then log in again with spec-kitty (`spec-kitty auth login`)",
+            path.display()
+        ),
+    )
+}
+
+/// Rewrites the `[tokens]` of `credentials` atomically with mode 0600, keeping everything else.
+/// A file that no longer parses is left alone.
 fn save_tokens(path: &std::path::Path, c: &Credentials) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
     let mut doc = text.parse::<toml_edit::DocumentMut>().map_err(|e| {
         Error::usage(
-            format!("{} no longer parses as TOML ({}); the refreshed token was not saved", path.display(), e.message()),
+            format!("{} no longer parses as TOML ({})", path.display(), e.message().trim()),
             "log in again with spec-kitty to rewrite the credentials file",
         )
     })?;
@@ -315,25 +389,25 @@ impl Receiver for TeamspaceReceiver {
     }
 
     fn gates(&self) -> Vec<Gate> {
-        let now = jiff::Timestamp::now();
-        let auth = self.credentials.has_usable_access(now) || self.credentials.can_refresh(now);
+        let gates = TeamspaceGates::evaluate(Some(&self.credentials), Some(&self.identity.team_slug));
+        let credentials_path = self.home.credentials_path();
         vec![
             Gate {
                 reason: "saas_disabled",
-                satisfied: self.saas_enabled,
+                satisfied: gates.saas_enabled,
                 message: "Teamspace delivery is disabled (SPEC_KITTY_ENABLE_SAAS_SYNC is not on)".into(),
                 hint: "export SPEC_KITTY_ENABLE_SAAS_SYNC=1, or deliver elsewhere with `kitty-sync mode external-receiver --endpoint URL`".into(),
             },
             Gate {
                 reason: "missing_auth",
-                satisfied: auth,
-                message: format!("no usable Teamspace access token in {}", self.credentials_path.display()),
+                satisfied: gates.auth_present,
+                message: format!("no usable Teamspace access token in {}", credentials_path.display()),
                 hint: "log in with spec-kitty (`spec-kitty auth login`) so [tokens] access is present".into(),
             },
             Gate {
                 reason: "missing_team",
-                satisfied: !self.identity.team_slug.is_empty(),
-                message: format!("no team in {} ([user] team_slug)", self.credentials_path.display()),
+                satisfied: gates.team_known,
+                message: format!("no team in {} ([user] team_slug)", credentials_path.display()),
                 hint: "log in with spec-kitty to a team, or set [user] team_slug in credentials".into(),
             },
         ]
@@ -346,6 +420,7 @@ impl Receiver for TeamspaceReceiver {
     fn prepare(&mut self) -> Result<()> {
         let now = jiff::Timestamp::now();
         if !self.credentials.has_usable_access(now) && self.credentials.can_refresh(now) {
+            // Nothing to refresh with: the first post's 401 then stops the drain.
             self.refresh()?;
         }
         Ok(())
@@ -358,14 +433,17 @@ impl Receiver for TeamspaceReceiver {
     }
 
     fn renew_auth(&mut self) -> Result<bool> {
-        if self.refreshed || !self.credentials.can_refresh(jiff::Timestamp::now()) {
+        if self.refreshed {
             return Ok(false);
         }
-        self.refresh()?;
-        Ok(true)
+        self.refresh()
     }
 
     fn health(&mut self) -> Option<DeploymentMetadata> {
         health_metadata(&self.client, &self.server)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.unsaved.take().map_or(Ok(()), Err)
     }
 }

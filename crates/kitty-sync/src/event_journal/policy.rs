@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::authority::{TargetAuthority, saas_sync_enabled};
 use crate::error::Result;
-use crate::home::{Config, Home};
+use crate::home::{Config, Credentials};
 use crate::mode::EventSyncMode;
 
 /// Why an event could not be delivered when it was captured (contract §5).
@@ -59,11 +59,13 @@ pub struct TeamspaceGates {
 }
 
 impl TeamspaceGates {
-    pub fn current(home: &Home, authority: &TargetAuthority) -> TeamspaceGates {
+    /// The one evaluation of the Teamspace gates, used by capture (the blocked reason it
+    /// records) and by the Teamspace receiver (what a drain checks).
+    pub fn evaluate(credentials: Option<&Credentials>, team: Option<&str>) -> TeamspaceGates {
         let now = jiff::Timestamp::now();
-        let credentials = home.load_credentials().ok().flatten();
-        let auth_present = credentials.as_ref().is_some_and(|c| c.has_usable_access(now) || c.can_refresh(now));
-        TeamspaceGates { saas_enabled: saas_sync_enabled(), auth_present, team_known: authority.team_slug.is_some() }
+        let auth_present = credentials.is_some_and(|c| c.has_usable_access(now) || c.can_refresh(now));
+        let team_known = team.is_some_and(|t| !t.is_empty());
+        TeamspaceGates { saas_enabled: saas_sync_enabled(), auth_present, team_known }
     }
 
     /// The first failing gate in the contract's order.
@@ -81,12 +83,18 @@ impl TeamspaceGates {
 }
 
 impl CapturePolicy {
-    /// Reads mode, local-only types, credentials and gates for `home`.
-    pub fn for_home(home: &Home, config: &Config, authority: &TargetAuthority) -> Result<CapturePolicy> {
+    /// Mode, local-only types and gates from the settings read once by the caller.
+    pub fn new(
+        config: &Config,
+        authority: &TargetAuthority,
+        credentials: Option<&Credentials>,
+    ) -> Result<CapturePolicy> {
         let mode = config.mode()?;
         let blocked_reason = match mode {
             EventSyncMode::OptOut => Some(BlockedReason::OptOut),
-            EventSyncMode::Teamspace => TeamspaceGates::current(home, authority).first_blocker(),
+            EventSyncMode::Teamspace => {
+                TeamspaceGates::evaluate(credentials, authority.team_slug.as_deref()).first_blocker()
+            }
             EventSyncMode::ExternalReceiver | EventSyncMode::LocalRetention => None,
         };
         Ok(CapturePolicy {
