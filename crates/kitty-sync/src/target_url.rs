@@ -33,7 +33,7 @@ pub fn canonicalize(input: &str) -> Result<TargetUrl> {
     }
     if scheme == "http" && !is_loopback(&host) {
         return Err(Error::usage(
-            format!("invalid URL {raw:?}: http:// is accepted only for loopback hosts"),
+            format!("invalid URL {:?}: http:// is accepted only for loopback hosts", redact_url(raw)),
             "use https:// for remote servers (http:// is allowed for localhost, 127.0.0.0/8 and [::1])",
         ));
     }
@@ -60,7 +60,59 @@ fn has_empty_port(raw: &str) -> bool {
     host_port.ends_with(':')
 }
 
+/// What stands in for a secret wherever one would be shown or stored.
+pub const REDACTED: &str = "***";
+
+/// Query parameter names whose values are secrets (`api_key`, `access_token`, `sig`, ...).
+const SECRET_QUERY_NAMES: [&str; 8] = ["key", "token", "secret", "password", "passwd", "auth", "sig", "credential"];
+
+/// The one way a URL is shown: the password of its user info and the values of key-like
+/// query parameters replaced by `***`. Text that does not parse as a URL keeps only what
+/// cannot be user info.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = Url::parse(raw.trim()) else {
+        return redact_unparsed(raw);
+    };
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        SECRET_QUERY_NAMES.iter().any(|s| name.contains(s))
+    };
+    let secret_query = url.query_pairs().any(|(name, _)| secret(&name));
+    if url.password().is_none() && !secret_query {
+        // Nothing to hide: show exactly what the operator wrote.
+        return raw.to_string();
+    }
+    if url.password().is_some() {
+        let _ = url.set_password(Some(REDACTED));
+    }
+    if secret_query {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(n, v)| {
+                let value = if secret(&n) { REDACTED.to_string() } else { v.into_owned() };
+                (n.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `Url` would add a `/` to a bare origin; keep what the operator wrote otherwise.
+    let shown = url.to_string();
+    if raw.trim().ends_with('/') || url.path() != "/" { shown } else { shown.trim_end_matches('/').to_string() }
+}
+
+/// `scheme://user:pass@rest` that `Url` refused: drop everything before the last `@` of the
+/// authority.
+fn redact_unparsed(raw: &str) -> String {
+    let Some((scheme, rest)) = raw.split_once("://") else { return raw.to_string() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://{REDACTED}@{host}{}", &rest[end..]),
+        None => raw.to_string(),
+    }
+}
+
 fn invalid(raw: &str, why: &str) -> Error {
+    let raw = redact_url(raw);
     Error::usage(
         format!("invalid URL {raw:?}: {why}"),
         "give a full URL with scheme and host, e.g. https://teamspace.example.com or http://127.0.0.1:8787",
@@ -96,6 +148,19 @@ mod tests {
         assert_eq!(canon("http://127.0.0.5:80/"), "http://127.0.0.5");
         assert_eq!(canon("http://LOCALHOST:8787/api/v1/events/batch/"), "http://localhost:8787/api/v1/events/batch");
         assert_eq!(canon("  https://example.com/Path/ "), "https://example.com/Path");
+    }
+
+    #[test]
+    fn secrets_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://alice:hunter2@example.com/batch/?api_key=abc&team=x&access_token=t"),
+            "https://alice:***@example.com/batch/?api_key=***&team=x&access_token=***"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:8787"), "http://127.0.0.1:8787");
+        assert_eq!(redact_url("https://example.com/x?page=2"), "https://example.com/x?page=2");
+        assert_eq!(redact_url("https://u:p@ex ample.com/x"), "https://***@ex ample.com/x");
+        let err = canonicalize("ftp://u:hunter2@example.com/").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::Args;
 use kitty_sync::Error;
 use kitty_sync::home::{set_config_string, try_edit_config};
 use kitty_sync::mode::EventSyncMode;
-use kitty_sync::target_url::canonicalize;
+use kitty_sync::target_url::{canonicalize, redact_url};
 use serde::Serialize;
 
 use super::Context;
@@ -90,7 +90,8 @@ fn show(ctx: &Context, printer: &Printer) -> Result<()> {
     let report = ModeReport {
         mode: mode.display_name(),
         delivers: mode.delivers(),
-        external_endpoint: ctx.config.external_endpoint.clone(),
+        // Shown, never stored: the endpoint's password and key-like query values are redacted.
+        external_endpoint: ctx.config.external_endpoint.as_deref().map(redact_url),
         external_token_env: ctx.config.external_token_env.clone(),
         local_only_types: ctx.config.local_only_types.clone(),
     };

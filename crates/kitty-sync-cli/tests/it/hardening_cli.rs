@@ -344,3 +344,39 @@ fn now_to_an_external_target_goes_on() {
     run.expect(0);
     assert_eq!(report["delivered"], 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// Secrets echoed by others.
+
+#[test]
+fn a_receiver_echoing_the_bearer_token_is_redacted_in_output_and_history() {
+    let server = FakeServer::start(|request: &FakeRequest| {
+        let auth = request.header("authorization").unwrap_or_default().to_string();
+        FakeResponse::json(401, &json!({"detail": format!("credentials {auth} are not valid")}))
+    });
+    let mut home = external_home(&server);
+    home.run(&["mode", "external-receiver", "--token-env", "RECEIVER_TOKEN"]).expect(0);
+    home.set_env("RECEIVER_TOKEN", "tok-SECRET-4711");
+    let ids = home.capture(1, "T");
+    let run = home.run(&["now", "--retries", "0", "-v"]).expect(3);
+    assert_no_secrets(&run, &["SECRET-4711"]);
+    assert!(run.stderr.contains("***"), "{}", run.stderr);
+    let inspection = home.run(&["inspect", &ids[0], "--json"]).expect(0);
+    assert_no_secrets(&inspection, &["SECRET-4711"]);
+}
+
+#[test]
+fn mode_never_prints_url_passwords_or_keys() {
+    let home = Home::new();
+    let endpoint = "http://alice:pw-SECRET@127.0.0.1:9/api/v1/events/batch/?api_key=key-SECRET&team=a";
+    let set = home.run(&["mode", "external-receiver", "--endpoint", endpoint]).expect(0);
+    let shown = home.run(&["mode"]).expect(0);
+    let json = home.run(&["mode", "--json"]).expect(0);
+    let bad = home.run(&["mode", "external-receiver", "--endpoint", "ftp://alice:pw-SECRET@example.com/"]).expect(2);
+    for run in [&set, &shown, &json, &bad] {
+        assert_no_secrets(run, &["pw-SECRET", "key-SECRET"]);
+    }
+    assert_cli_snapshot!(home.path(), shown);
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(config.contains("key-SECRET"), "the endpoint itself is stored as given: {config}");
+}

@@ -11,7 +11,7 @@ use crate::authority::TargetAuthority;
 use crate::error::{Error, Result};
 use crate::event_journal::TeamspaceGates;
 use crate::home::{Credentials, CredentialsFile, Home, write_atomically};
-use crate::target_url::canonicalize;
+use crate::target_url::{REDACTED, canonicalize, redact_url};
 
 /// Batch endpoint path on a Teamspace-compatible server (trailing slash required).
 pub const BATCH_PATH: &str = "/api/v1/events/batch/";
@@ -88,8 +88,13 @@ impl HttpClient {
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
         }
-        let response = request.send(body).map_err(|e| TransportError(e.to_string()))?;
-        read_reply(response)
+        let secrets = Secrets::of_request(url, headers);
+        let response = request.send(body).map_err(|e| TransportError(secrets.redact(&e.to_string())))?;
+        let mut reply = read_reply(response).map_err(|e| TransportError(secrets.redact(&e.0)))?;
+        // The reply's text becomes error messages and attempt history: a receiver that echoes
+        // the request (a 401 quoting the bearer token) must not make us print or store it.
+        reply.body = secrets.redact_bytes(reply.body);
+        Ok(reply)
     }
 
     /// GETs JSON with a short timeout; `None` on any failure (health is optional).
@@ -100,6 +105,42 @@ impl HttpClient {
         }
         let text = response.body_mut().with_config().limit(1024 * 1024).read_to_string().ok()?;
         serde_json::from_str(&text).ok()
+    }
+}
+
+/// What a request carried that must never come back out: bearer tokens, and the URL as sent
+/// (its password and key-like query values).
+struct Secrets {
+    tokens: Vec<String>,
+    url: String,
+    shown_url: String,
+}
+
+impl Secrets {
+    fn of_request(url: &str, headers: &[(&str, String)]) -> Secrets {
+        let tokens = headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+            .filter_map(|(_, value)| value.split_once(' ').map(|(_, token)| token.trim().to_string()))
+            .filter(|t| !t.is_empty())
+            .collect();
+        Secrets { tokens, url: url.to_string(), shown_url: redact_url(url) }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.replace(&self.url, &self.shown_url);
+        for token in &self.tokens {
+            text = text.replace(token.as_str(), REDACTED);
+        }
+        text
+    }
+
+    fn redact_bytes(&self, body: Vec<u8>) -> Vec<u8> {
+        let leaks = |b: &[u8]| self.tokens.iter().any(|t| b.windows(t.len()).any(|w| w == t.as_bytes()));
+        if !leaks(&body) {
+            return body;
+        }
+        self.redact(&String::from_utf8_lossy(&body)).into_bytes()
     }
 }
 
