@@ -64,13 +64,14 @@ impl Printer {
         self.stderr_tty && !self.quiet
     }
 
-    /// Renders an error with its hint and returns the exit code.
-    /// Renders an error with its hint on stderr and returns the exit code. Under `--json`, a
-    /// command that failed before printing its document prints `{"error": {...}}` instead, so
-    /// stdout still holds exactly one JSON document.
+    /// Renders an error with its hint on stderr and returns the exit code; with `-v`, every
+    /// cause below it too (`caused by:` lines). Under `--json`, a command that failed before
+    /// printing its document prints `{"error": {...}}` instead, so stdout still holds exactly
+    /// one JSON document.
     pub fn error(&self, err: &anyhow::Error) -> u8 {
         let (message, hint, code) = match err.downcast_ref::<kitty_sync::Error>() {
             Some(e) => (e.to_string(), e.hint().to_string(), e.exit_code()),
+            None if self.verbose > 0 => (err.to_string(), "report it if it persists".to_string(), 1),
             None => (format!("{err:#}"), "run again with -v for details; report it if it persists".to_string(), 1),
         };
         if self.json && !self.json_printed.get() {
@@ -78,9 +79,31 @@ impl Printer {
         }
         let mut stderr = std::io::stderr().lock();
         let _ = writeln!(stderr, "error: {message}");
+        if self.verbose > 0 {
+            for cause in causes(err, self.verbose > 1) {
+                let _ = writeln!(stderr, "caused by: {cause}");
+            }
+        }
         let _ = writeln!(stderr, "hint: {hint}");
         code
     }
+}
+
+/// The error's `source()` chain below the top message, outermost first. A cause whose text
+/// the message above already quotes is shown in its debug form instead (the error kind and
+/// code the text leaves out); with `-vv`, every cause is.
+fn causes(err: &anyhow::Error, debug: bool) -> Vec<String> {
+    let top: &(dyn std::error::Error + 'static) = err.as_ref();
+    let mut above = top.to_string();
+    let mut out = Vec::new();
+    let mut next = top.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        out.push(if debug || above.contains(&text) { format!("{cause:?}") } else { text.clone() });
+        above = text;
+        next = cause.source();
+    }
+    out
 }
 
 /// A spinner with a counter on stderr, drawn only on a terminal.

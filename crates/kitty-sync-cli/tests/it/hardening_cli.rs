@@ -380,3 +380,21 @@ fn mode_never_prints_url_passwords_or_keys() {
     let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
     assert!(config.contains("key-SECRET"), "the endpoint itself is stored as given: {config}");
 }
+
+// ---------------------------------------------------------------------------------------
+// `-v` shows the cause chain the hint promises.
+
+#[test]
+fn verbose_prints_the_cause_chain() {
+    let home = Home::new();
+    let file = home.path().join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    let mut plain = common::bin();
+    plain.args(["--home", file.to_str().unwrap(), "emit", "--type", "T"]);
+    let run = Run::from(plain.output().unwrap());
+    assert!(!run.stderr.contains("caused by"), "{}", run.stderr);
+    let mut verbose = common::bin();
+    verbose.args(["--home", file.to_str().unwrap(), "-v", "emit", "--type", "T"]);
+    let run = Run::from(verbose.output().unwrap());
+    assert_cli_snapshot!(home.path(), run);
+}
