@@ -2,6 +2,7 @@
 //! errors to the contract's exit codes.
 
 mod cmd;
+mod exit_status;
 mod output;
 mod receiver_cmd;
 
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Parser, Debug)]
@@ -84,12 +86,9 @@ fn main() -> ExitCode {
         Command::Archive(args) => cmd::retention::archive(args, cli.home.as_deref(), &printer),
         Command::Gc(args) => cmd::retention::gc(args, cli.home.as_deref(), &printer),
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
-        Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| 0),
+        Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| ExitStatus::Success),
     };
-    match result {
-        Ok(code) => ExitCode::from(code),
-        Err(err) => ExitCode::from(printer.error(&err)),
-    }
+    result.unwrap_or_else(|err| printer.error(&err)).into()
 }
 
 /// clap's own message, plus the contract's `hint:` line; `--help`/`--version` exit 0.
@@ -97,10 +96,10 @@ fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     let _ = e.print();
     match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitStatus::Success.into(),
         _ => {
             eprintln!("hint: run `kitty-sync --help` (or `kitty-sync COMMAND --help`) for the commands and flags");
-            ExitCode::from(2)
+            ExitStatus::Usage.into()
         }
     }
 }

@@ -6,10 +6,14 @@ use std::io::{IsTerminal, Write};
 
 use serde::Serialize;
 
+use crate::exit_status::ExitStatus;
+
 pub struct Printer {
     pub json: bool,
     pub quiet: bool,
     pub verbose: u8,
+    /// Colour in human output, decided once: stdout is a terminal and `NO_COLOR` is unset.
+    pub color: bool,
     stderr_tty: bool,
     /// Whether this process already printed its one JSON document.
     json_printed: Cell<bool>,
@@ -17,7 +21,14 @@ pub struct Printer {
 
 impl Printer {
     pub fn new(json: bool, quiet: bool, verbose: u8) -> Printer {
-        Printer { json, quiet, verbose, stderr_tty: std::io::stderr().is_terminal(), json_printed: Cell::new(false) }
+        Printer {
+            json,
+            quiet,
+            verbose,
+            color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            stderr_tty: std::io::stderr().is_terminal(),
+            json_printed: Cell::new(false),
+        }
     }
 
     /// Human output (suppressed by `--json` and `--quiet`).
@@ -68,13 +79,18 @@ impl Printer {
     /// cause below it too (`caused by:` lines). Under `--json`, a command that failed before
     /// printing its document prints `{"error": {...}}` instead, so stdout still holds exactly
     /// one JSON document.
-    pub fn error(&self, err: &anyhow::Error) -> u8 {
-        let (message, hint, code) = match err.downcast_ref::<kitty_sync::Error>() {
-            Some(e) => (e.to_string(), e.hint().to_string(), e.exit_code()),
-            None if self.verbose > 0 => (err.to_string(), "report it if it persists".to_string(), 1),
-            None => (format!("{err:#}"), "run again with -v for details; report it if it persists".to_string(), 1),
+    pub fn error(&self, err: &anyhow::Error) -> ExitStatus {
+        let (message, hint, status) = match err.downcast_ref::<kitty_sync::Error>() {
+            Some(e) => (e.to_string(), e.hint().to_string(), ExitStatus::from(e.class())),
+            None if self.verbose > 0 => (err.to_string(), "report it if it persists".to_string(), ExitStatus::Failure),
+            None => (
+                format!("{err:#}"),
+                "run again with -v for details; report it if it persists".to_string(),
+                ExitStatus::Failure,
+            ),
         };
         if self.json && !self.json_printed.get() {
+            let code = status.code();
             self.json_doc(&serde_json::json!({ "error": { "message": message, "hint": hint, "exit_code": code } }));
         }
         let mut stderr = std::io::stderr().lock();
@@ -85,7 +101,7 @@ impl Printer {
             }
         }
         let _ = writeln!(stderr, "hint: {hint}");
-        code
+        status
     }
 }
 

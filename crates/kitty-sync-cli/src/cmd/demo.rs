@@ -18,6 +18,7 @@ use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStor
 use serde_json::json;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -78,7 +79,7 @@ const SAMPLE: [(&str, &str); 12] = [
     ("MissionNote", "café ☕ and 🚀: unicode survives byte for byte"),
 ];
 
-pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let dir =
         tempfile::Builder::new().prefix("kitty-sync-demo-").tempdir().context("cannot create a temporary home")?;
     let home = Home::at(&dir.path().join("home"));
@@ -137,7 +138,7 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     dir.close().context("cannot remove the temporary home")?;
     say(String::new());
     say("Done: the temporary home and both receiver databases were removed.".into());
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 /// Points the home at `receiver` (as `kitty-sync mode` would) and drains to it.

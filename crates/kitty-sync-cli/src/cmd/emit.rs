@@ -12,6 +12,7 @@ use kitty_sync::store::Store;
 use serde::Serialize;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -69,7 +70,7 @@ struct EmitReport {
     event_ids: Option<Vec<String>>,
 }
 
-pub fn run(args: EmitArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: EmitArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let policy = ctx.capture_policy(printer)?;
     match args.jsonl.clone() {
@@ -78,7 +79,7 @@ pub fn run(args: EmitArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
     }
 }
 
-fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Printer) -> Result<u8> {
+fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Printer) -> Result<ExitStatus> {
     let event = new_event(args)?;
     let mut store = Store::open(&ctx.home)?;
     let mut journal = Journal::new(&mut store, policy);
@@ -115,7 +116,7 @@ fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Pr
     } else {
         printer.essential(&event_id);
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 fn new_event(args: EmitArgs) -> Result<NewEvent> {
@@ -178,7 +179,13 @@ fn parse_payload(text: &str, what: &str) -> Result<serde_json::Value> {
     })
 }
 
-fn run_import(args: &EmitArgs, source: &str, ctx: &Context, policy: CapturePolicy, printer: &Printer) -> Result<u8> {
+fn run_import(
+    args: &EmitArgs,
+    source: &str,
+    ctx: &Context,
+    policy: CapturePolicy,
+    printer: &Printer,
+) -> Result<ExitStatus> {
     let mut reader = open_input(source)?;
     let options = ImportOptions { default_type: args.default_type.clone(), skip_invalid: args.skip_invalid };
     let mut store = Store::open(&ctx.home)?;
@@ -187,7 +194,7 @@ fn run_import(args: &EmitArgs, source: &str, ctx: &Context, policy: CapturePolic
     bar.finish();
     print_import(&report, printer);
     if report.committed {
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     Err(Error::usage(
         format!("{} invalid line(s) in {source}; nothing was written", report.invalid.len()),

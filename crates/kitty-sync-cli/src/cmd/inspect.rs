@@ -9,6 +9,7 @@ use kitty_sync::home::Home;
 use kitty_sync::inspect::{EventInspection, inspect};
 use kitty_sync::store::Store;
 
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -17,7 +18,7 @@ pub struct InspectArgs {
     event_id: String,
 }
 
-pub fn run(args: InspectArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: InspectArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     if !kitty_sync::envelope::is_valid_ulid(&args.event_id) {
         return Err(Error::usage(
             format!("invalid event id {:?}: expected a 26-character ULID", args.event_id),
@@ -33,7 +34,7 @@ pub fn run(args: InspectArgs, home_flag: Option<&Path>, printer: &Printer) -> Re
     } else {
         print_human(&event, printer);
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 fn print_human(e: &EventInspection, printer: &Printer) {

@@ -15,6 +15,7 @@ use kitty_sync::store::Store;
 use serde::Serialize;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::{Printer, Progress};
 
 /// Below this many rows a migration takes well under a second: no bar.
@@ -58,7 +59,7 @@ enum KeepArg {
     Incoming,
 }
 
-pub fn run(args: MigrateArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: MigrateArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     match args.command {
         None => run_migrate(args.dry_run, home_flag, printer),
         Some(MigrateCommand::Conflicts) => run_conflicts(home_flag, printer),
@@ -66,7 +67,7 @@ pub fn run(args: MigrateArgs, home_flag: Option<&Path>, printer: &Printer) -> Re
     }
 }
 
-fn run_migrate(dry_run: bool, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+fn run_migrate(dry_run: bool, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     // The scope digest that makes a source "known" comes from the server URL.
     ctx.warn_authority(printer);
@@ -89,7 +90,7 @@ fn run_migrate(dry_run: bool, home_flag: Option<&Path>, printer: &Printer) -> Re
     if report.blocked() {
         return Err(blocked_error(&report).into());
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 fn blocked_error(report: &MigrationReport) -> Error {
@@ -211,17 +212,17 @@ struct ConflictsDoc {
     conflicts: Vec<ConflictEntry>,
 }
 
-fn run_conflicts(home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+fn run_conflicts(home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let home = Home::resolve(home_flag)?;
     let store = Store::open_read_only(&home)?;
     let conflicts = legacy::list_conflicts(store.as_ref())?;
     if printer.json {
         printer.json_doc(&ConflictsDoc { conflicts });
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     if conflicts.is_empty() {
         printer.line("No migration conflicts.");
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
@@ -244,10 +245,10 @@ fn run_conflicts(home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
     if open > 0 {
         printer.line("Resolve with `kitty-sync migrate resolve EVENT_ID --keep journal|incoming [--source SOURCE]`.");
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
-fn run_resolve(args: ResolveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+fn run_resolve(args: ResolveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let home = Home::resolve(home_flag)?;
     // Resolving needs an existing store; never create one for it.
     if Store::open_read_only(&home)?.is_none() {
@@ -268,7 +269,7 @@ fn run_resolve(args: ResolveArgs, home_flag: Option<&Path>, printer: &Printer) -
     } else {
         print_resolution(&resolution, printer);
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 fn print_resolution(r: &Resolution, printer: &Printer) {

@@ -11,6 +11,7 @@ use kitty_sync::target_url::{canonicalize, redact_url};
 use serde::Serialize;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -34,11 +35,11 @@ struct ModeReport {
     local_only_types: Vec<String>,
 }
 
-pub fn run(args: ModeArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: ModeArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let Some(token) = args.mode else {
         show(&ctx, printer)?;
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     };
     let mode = EventSyncMode::parse(&token)?;
     let endpoint = match &args.endpoint {
@@ -82,7 +83,7 @@ pub fn run(args: ModeArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
     let after = Context::load(home_flag)?;
     printer.line(format!("Event sync mode set to {mode}"));
     show(&after, printer)?;
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 fn show(ctx: &Context, printer: &Printer) -> Result<()> {

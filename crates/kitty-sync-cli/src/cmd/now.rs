@@ -14,6 +14,7 @@ use kitty_sync::store::Store;
 use serde::Serialize;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -64,7 +65,7 @@ struct ReportedError {
     exit_code: u8,
 }
 
-pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     if let Some(path) = &args.report {
         // Before delivering: a report that cannot be written must not turn a done drain into a failure.
@@ -78,10 +79,10 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         let report = NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()), error: None };
         emit_report(&report, &args, printer)?;
         printer.line(note);
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     };
     let wait = seconds(args.wait, "--wait")?;
-    let refused = |e: kitty_sync::Error| -> Result<u8> {
+    let refused = |e: kitty_sync::Error| -> Result<ExitStatus> {
         let error = ReportedError { message: e.to_string(), hint: e.hint().to_string(), exit_code: e.exit_code() };
         let report = NowReport { mode: mode.display_name(), summary: None, note: None, error: Some(error) };
         emit_report(&report, &args, printer)?;
@@ -178,7 +179,7 @@ fn human_duration(ms: u64) -> String {
     if ms < 1000 { format!("{ms} ms") } else { format!("{:.2} s", ms as f64 / 1000.0) }
 }
 
-fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<u8> {
+fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<ExitStatus> {
     match &summary.stop {
         Some(StopReason::Auth { error }) => {
             let hint = match summary.target.kind {
@@ -193,15 +194,15 @@ fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<u8> {
         Some(StopReason::Transient { error }) => {
             printer.warn(format!("delivery stopped after retries: {error}"));
             printer.note("hint: nothing was lost; run `kitty-sync now` again when the receiver is reachable");
-            Ok(4)
+            Ok(ExitStatus::Incomplete)
         }
-        None if summary.complete() => Ok(0),
+        None if summary.complete() => Ok(ExitStatus::Success),
         None => {
             printer.note(
                 "hint: some events were not delivered; `kitty-sync now` re-sends pending/transient ones, \
                  `kitty-sync retry --all-parked [--rejected]` requeues parked/rejected ones",
             );
-            Ok(4)
+            Ok(ExitStatus::Incomplete)
         }
     }
 }

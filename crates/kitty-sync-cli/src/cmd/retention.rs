@@ -15,6 +15,7 @@ use kitty_sync::mode::EventSyncMode;
 use kitty_sync::store::Store;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -75,7 +76,7 @@ fn current_target(ctx: &Context, printer: &Printer) -> Result<Option<TargetIdent
     })
 }
 
-pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let home = &ctx.home;
     let cutoff = match &args.older_than {
@@ -94,7 +95,7 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
     } else {
         if let Some(note) = &report.note {
             printer.line(format!("Nothing archived: {note}."));
-            return Ok(0);
+            return Ok(ExitStatus::Success);
         }
         let verb = if report.dry_run { "Would archive" } else { "Archived" };
         let out = report.out.as_deref().map(|o| format!(" to {o}")).unwrap_or_default();
@@ -103,10 +104,10 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
             printer.line("Payloads stay in the journal until `kitty-sync gc`.");
         }
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
-pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let home = &ctx.home;
     let current = current_target(&ctx, printer)?;
@@ -122,11 +123,11 @@ pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u
             printer.note(format!("Nothing purged: {note}."));
         }
         printer.json_doc(&report);
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     if let Some(note) = &report.note {
         printer.line(format!("Nothing purged: {note}."));
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     let verb = if report.dry_run { "Would purge" } else { "Purged" };
     printer.line(format!(
@@ -134,5 +135,5 @@ pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u
         report.purged, report.purged_bytes, report.kept
     ));
     printer.line(format!("store file: {} → {} bytes", report.store_bytes_before, report.store_bytes_after));
-    Ok(0)
+    Ok(ExitStatus::Success)
 }

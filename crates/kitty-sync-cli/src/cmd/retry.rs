@@ -11,6 +11,7 @@ use kitty_sync::delivery::target;
 use kitty_sync::store::Store;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -25,7 +26,7 @@ pub struct RetryArgs {
     rejected: bool,
 }
 
-pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     if args.event_ids.is_empty() && !args.all_parked && !args.rejected {
         return Err(Error::usage(
             "nothing to retry: name events, or pass --all-parked and/or --rejected",
@@ -46,7 +47,7 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
     let mut store = Store::open(&ctx.home)?;
     let Some(record) = target::find(store.conn(), receiver.identity())? else {
         printer.line(format!("Nothing to retry: {} has never been drained to.", receiver.identity().canonical_url));
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     };
     let report = requeue(&mut store, &record, &args.event_ids, selection)?;
     if printer.json {
@@ -66,5 +67,5 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
             record.identity.canonical_url
         ));
     }
-    Ok(0)
+    Ok(ExitStatus::Success)
 }

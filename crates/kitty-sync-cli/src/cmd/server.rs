@@ -9,6 +9,7 @@ use kitty_sync::home::{set_config_string, try_edit_config};
 use kitty_sync::target_url::canonicalize;
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -17,7 +18,7 @@ pub struct ServerArgs {
     url: Option<String>,
 }
 
-pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let Some(url) = args.url else {
         ctx.warn_authority(printer);
@@ -26,7 +27,7 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
         } else {
             print_authority(&ctx.authority, printer);
         }
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     };
     let target = canonicalize(&url)?;
     // The canonical form, not the raw text: it drops user info (a password in the URL must
@@ -39,7 +40,7 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     after.warn_authority(printer);
     if printer.json {
         printer.json_doc(&after.authority);
-        return Ok(0);
+        return Ok(ExitStatus::Success);
     }
     printer.line(format!("Server set to {stored} (in {})", ctx.home.config_path().display()));
     if after.authority.override_mode == OverrideMode::ProcessOverride {
@@ -49,7 +50,7 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
         ));
     }
     print_authority(&after.authority, printer);
-    Ok(0)
+    Ok(ExitStatus::Success)
 }
 
 pub fn print_authority(a: &TargetAuthority, printer: &Printer) {

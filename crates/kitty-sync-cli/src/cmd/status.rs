@@ -1,6 +1,5 @@
 //! `kitty-sync status [--json] [--check]`: read-only report.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,6 +8,7 @@ use clap::Args;
 use kitty_sync::status::{CurrentDelivery, JournalSection, StatusReport, build};
 
 use super::Context;
+use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
 #[derive(Args, Debug)]
@@ -18,7 +18,7 @@ pub struct StatusArgs {
     check: bool,
 }
 
-pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<u8> {
+pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let mode = ctx.config.mode()?;
     let receiver = super::target::active_receiver(&ctx, mode, Duration::from_secs(5), printer)?;
@@ -31,7 +31,7 @@ pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     } else {
         render(&report, &ctx, printer);
     }
-    Ok(if args.check { report.exit_code } else { 0 })
+    Ok(if args.check && !report.ok { ExitStatus::Blocked } else { ExitStatus::Success })
 }
 
 struct Style {
@@ -56,7 +56,7 @@ fn bytes(n: i64) -> String {
 }
 
 pub fn render(r: &StatusReport, ctx: &Context, printer: &Printer) {
-    let style = Style { color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() };
+    let style = Style { color: printer.color };
     let row = |label: &str, value: String| printer.line(format!("{label:<16}{value}"));
     row("home", ctx.home.root().display().to_string());
     row("mode", r.mode.clone());
