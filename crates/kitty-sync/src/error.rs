@@ -25,9 +25,22 @@ pub enum Error {
     /// Bad input from the operator: flags, URLs, files, config. Exit 2.
     #[error("{message}")]
     Usage { message: String, hint: String },
-    /// Progress stopped by policy (gates, conflicts). Exit 3.
+    /// Progress stopped by a policy not covered below. Exit 3.
     #[error("{message}")]
     Blocked { message: String, hint: String },
+    /// A delivery gate is closed (`saas_disabled`, `missing_auth`, `missing_team`,
+    /// `missing_endpoint`); nothing was posted. Exit 3.
+    #[error("{message}")]
+    GatesClosed { reasons: Vec<String>, message: String, hint: String },
+    /// The target's server was replaced behind its URL; only a re-drain goes on. Exit 3.
+    #[error("{message}")]
+    TargetReset { message: String, hint: String },
+    /// A migration conflict (or what it protects) must be resolved by the operator. Exit 3.
+    #[error("{message}")]
+    ConflictUnresolved { message: String, hint: String },
+    /// The receiver refused our credentials, and renewing them did not help. Exit 3.
+    #[error("{message}")]
+    AuthRefused { message: String, hint: String },
     /// Another process holds the drain lock. Exit 5.
     #[error("{message}")]
     Busy { message: String, hint: String },
@@ -52,6 +65,22 @@ impl Error {
 
     pub fn blocked(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Error::Blocked { message: message.into(), hint: hint.into() }
+    }
+
+    pub fn gates_closed(reasons: Vec<String>, message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::GatesClosed { reasons, message: message.into(), hint: hint.into() }
+    }
+
+    pub fn target_reset(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::TargetReset { message: message.into(), hint: hint.into() }
+    }
+
+    pub fn conflict_unresolved(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::ConflictUnresolved { message: message.into(), hint: hint.into() }
+    }
+
+    pub fn auth_refused(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Error::AuthRefused { message: message.into(), hint: hint.into() }
     }
 
     pub fn busy(message: impl Into<String>, hint: impl Into<String>) -> Self {
@@ -82,10 +111,15 @@ impl Error {
         Error::Store { context: context.into(), hint: hint.to_string(), source }
     }
 
+    /// The one mapping of errors to the contract's exit classes.
     pub fn class(&self) -> ExitClass {
         match self {
             Error::Usage { .. } => ExitClass::Usage,
-            Error::Blocked { .. } => ExitClass::Blocked,
+            Error::Blocked { .. }
+            | Error::GatesClosed { .. }
+            | Error::TargetReset { .. }
+            | Error::ConflictUnresolved { .. }
+            | Error::AuthRefused { .. } => ExitClass::Blocked,
             Error::Busy { .. } => ExitClass::Busy,
             Error::Io { .. } | Error::Store { .. } | Error::StoreUnusable { .. } | Error::Internal { .. } => {
                 ExitClass::Failure
@@ -101,6 +135,10 @@ impl Error {
         match self {
             Error::Usage { hint, .. }
             | Error::Blocked { hint, .. }
+            | Error::GatesClosed { hint, .. }
+            | Error::TargetReset { hint, .. }
+            | Error::ConflictUnresolved { hint, .. }
+            | Error::AuthRefused { hint, .. }
             | Error::Busy { hint, .. }
             | Error::Io { hint, .. }
             | Error::Store { hint, .. }

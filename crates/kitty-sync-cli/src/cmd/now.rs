@@ -188,7 +188,7 @@ fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<ExitStatus> {
                 }
                 TargetKind::External => "check the token in the variable named by [event_sync] external_token_env",
             };
-            Err(Error::blocked(format!("the receiver refused our credentials ({error}); delivery stopped"), hint)
+            Err(Error::auth_refused(format!("the receiver refused our credentials ({error}); delivery stopped"), hint)
                 .into())
         }
         Some(StopReason::Transient { error }) => {

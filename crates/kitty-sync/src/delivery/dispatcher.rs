@@ -200,7 +200,8 @@ fn check_gates(receiver: &dyn Receiver) -> Result<()> {
     let reasons: Vec<&str> = closed.iter().map(|g| g.reason).collect();
     let messages: Vec<&str> = closed.iter().map(|g| g.message.as_str()).collect();
     let hints: Vec<&str> = closed.iter().map(|g| g.hint.as_str()).collect();
-    Err(Error::blocked(
+    Err(Error::gates_closed(
+        reasons.iter().map(|r| r.to_string()).collect(),
         format!("delivery is blocked ({}): {}; nothing was posted", reasons.join(", "), messages.join("; ")),
         hints.join("; "),
     ))

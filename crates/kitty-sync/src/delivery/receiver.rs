@@ -372,7 +372,7 @@ impl TeamspaceReceiver {
 }
 
 fn refresh_failed(why: &str) -> Error {
-    Error::blocked(
+    Error::auth_refused(
         format!("the Teamspace access token could not be refreshed: {why}"),
         "log in again with spec-kitty (`spec-kitty auth login`), then run `kitty-sync now`",
     )

@@ -79,7 +79,7 @@ pub fn load(conn: &Connection, target: i64) -> Result<Option<ResetDetected>> {
 }
 
 pub fn blocked_error(record: &TargetRecord, reset: &ResetDetected) -> Error {
-    Error::blocked(
+    Error::target_reset(
         format!(
             "{} looks wiped or replaced ({}); nothing was delivered, because the ledger says it already has events it may have lost",
             record.identity.canonical_url,

@@ -321,13 +321,13 @@ fn refuse_if_delivered(tx: &Transaction<'_>, event_id: &str, current: &Current) 
         .ctx("cannot read the delivery ledger")?;
     let hint = format!("keep the delivered version with `kitty-sync migrate resolve {event_id} --keep journal`");
     if delivered {
-        return Err(Error::blocked(
+        return Err(Error::conflict_unresolved(
             format!("event {event_id} was already delivered to a target; its journal bytes cannot be replaced"),
             hint,
         ));
     }
     if current.state != 0 || current.envelope.is_none() {
-        return Err(Error::blocked(
+        return Err(Error::conflict_unresolved(
             format!("event {event_id} is archived or purged; its journal bytes cannot be replaced"),
             hint,
         ));
