@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::envelope::sha256_hex;
 use crate::error::Result;
 use crate::home::{Config, Credentials, CredentialsFile, Home};
+use crate::target_url::redact_url;
 
 pub const SAAS_URL_ENV: &str = "SPEC_KITTY_SAAS_URL";
 pub const ENABLE_SAAS_SYNC_ENV: &str = "SPEC_KITTY_ENABLE_SAAS_SYNC";
@@ -28,18 +29,62 @@ pub enum ActiveScopeStatus {
 
 /// The resolved target authority. Serialises to the contract's `target_authority` object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// URLs serialise through [`redact_url`]: a password or key typed into `config.toml` or the
+/// environment is used for requests, never shown.
 pub struct TargetAuthority {
+    #[serde(serialize_with = "shown_optional_url")]
     pub configured_server_url: Option<String>,
+    #[serde(serialize_with = "shown_optional_url")]
     pub env_server_url: Option<String>,
     pub override_mode: OverrideMode,
+    #[serde(serialize_with = "shown_url")]
     pub resolved_server_url: String,
     pub user_id: Option<String>,
     pub team_slug: Option<String>,
+    #[serde(serialize_with = "shown_scope")]
     pub derived_queue_scope: String,
     pub queue_db_path: String,
+    #[serde(serialize_with = "shown_optional_scope")]
     pub active_queue_scope: Option<String>,
     pub active_queue_scope_status: ActiveScopeStatus,
     pub warnings: Vec<String>,
+}
+
+fn shown_url<S: serde::Serializer>(url: &str, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
+fn shown_optional_url<S: serde::Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => shown_url(url, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `server|user|team` with the server part shown as [`redact_url`] shows it.
+pub fn redact_scope(scope: &str) -> String {
+    let mut parts = scope.rsplitn(3, '|');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(team), Some(user), Some(server)) => format!("{}|{user}|{team}", redact_url(server)),
+        _ => scope.to_string(),
+    }
+}
+
+fn shown_scope<S: serde::Serializer>(scope: &str, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_scope(scope))
+}
+
+fn shown_optional_scope<S: serde::Serializer>(
+    scope: &Option<String>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match scope {
+        Some(scope) => shown_scope(scope, serializer),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Everything the resolver reads, gathered up front so resolution itself is pure.
@@ -97,11 +142,11 @@ impl TargetAuthority {
         if override_mode == OverrideMode::ProcessOverride {
             let config_text = configured
                 .as_deref()
-                .map(|c| format!("[sync] server_url {c}"))
+                .map(|c| format!("[sync] server_url {}", redact_url(c)))
                 .unwrap_or_else(|| format!("the default server {DEFAULT_SERVER_URL} ([sync] server_url is not set)"));
             warnings.push(format!(
                 "{SAAS_URL_ENV}={} overrides {config_text} for this process",
-                env.as_deref().unwrap_or_default()
+                redact_url(env.as_deref().unwrap_or_default())
             ));
         }
         // The env and the file are not validated when they are written by hand; say so once
@@ -227,6 +272,19 @@ mod tests {
         assert!(a.warnings[0].contains("https://env.example") && a.warnings[0].contains("https://config.example"));
         assert!(a.warnings[0].contains(SAAS_URL_ENV));
         assert_eq!(a.derived_queue_scope, "https://env.example|alice@example.com|team-alpha");
+    }
+
+    #[test]
+    fn url_secrets_are_never_shown() {
+        let inputs = AuthorityInputs {
+            configured_server_url: Some("https://u:pw-secret@config.example".into()),
+            env_server_url: Some("https://env.example/?token=tok-secret".into()),
+            ..Default::default()
+        };
+        let a = TargetAuthority::resolve(&inputs);
+        let shown = format!("{}{:?}", serde_json::to_string(&a).unwrap(), a.warnings);
+        assert!(!shown.contains("pw-secret") && !shown.contains("tok-secret"), "{shown}");
+        assert_eq!(a.resolved_server_url, "https://env.example/?token=tok-secret", "requests use the real URL");
     }
 
     #[test]

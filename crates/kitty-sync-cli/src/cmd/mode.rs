@@ -106,7 +106,7 @@ fn show(ctx: &Context, printer: &Printer) -> Result<()> {
             // The line below shows the resolved server URL: a SPEC_KITTY_SAAS_URL override
             // must be said (§4), as every command that uses the URL does.
             ctx.warn_authority(printer);
-            format!("{} (Teamspace)", ctx.authority.resolved_server_url)
+            format!("{} (Teamspace)", redact_url(&ctx.authority.resolved_server_url))
         }
         EventSyncMode::ExternalReceiver => {
             report.external_endpoint.clone().unwrap_or_else(|| "(no endpoint set)".into())
@@ -135,8 +135,9 @@ fn validate_env_name(var: &str) -> Result<()> {
     if valid {
         Ok(())
     } else {
+        // The value is not echoed: what was passed may be the token itself.
         Err(Error::usage(
-            format!("invalid --token-env {var:?}: not an environment variable name"),
+            "invalid --token-env: not an environment variable name (the value is not shown)",
             "pass the variable's NAME (e.g. --token-env RECEIVER_TOKEN), never the token itself",
         )
         .into())

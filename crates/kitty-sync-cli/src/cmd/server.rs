@@ -4,9 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use clap::Args;
-use kitty_sync::authority::{OverrideMode, TargetAuthority};
+use kitty_sync::authority::{OverrideMode, TargetAuthority, redact_scope};
 use kitty_sync::home::{set_config_string, try_edit_config};
-use kitty_sync::target_url::canonicalize;
+use kitty_sync::target_url::{canonicalize, redact_url};
 
 use super::Context;
 use crate::exit_status::ExitStatus;
@@ -46,7 +46,7 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     if after.authority.override_mode == OverrideMode::ProcessOverride {
         printer.line(format!(
             "Note: SPEC_KITTY_SAAS_URL is set, so this process still targets {}",
-            after.authority.resolved_server_url
+            redact_url(&after.authority.resolved_server_url)
         ));
     }
     print_authority(&after.authority, printer);
@@ -54,7 +54,7 @@ pub fn run(args: ServerArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
 }
 
 pub fn print_authority(a: &TargetAuthority, printer: &Printer) {
-    let or_unset = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
+    let or_unset = |v: &Option<String>| v.as_deref().map(redact_url).unwrap_or_else(|| "(not set)".into());
     let override_text = match a.override_mode {
         OverrideMode::None => "none",
         OverrideMode::ProcessOverride => "process_override (SPEC_KITTY_SAAS_URL wins)",
@@ -64,17 +64,20 @@ pub fn print_authority(a: &TargetAuthority, printer: &Printer) {
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
     let rows = [
-        ("resolved server", a.resolved_server_url.clone()),
+        ("resolved server", redact_url(&a.resolved_server_url)),
         ("configured", or_unset(&a.configured_server_url)),
         ("SPEC_KITTY_SAAS_URL", or_unset(&a.env_server_url)),
         ("override", override_text.to_string()),
         ("user", or_unset(&a.user_id)),
         ("team", or_unset(&a.team_slug)),
-        ("queue scope", a.derived_queue_scope.clone()),
+        ("queue scope", redact_scope(&a.derived_queue_scope)),
         ("legacy queue", a.queue_db_path.clone()),
         (
             "active scope",
-            format!("{status}{}", a.active_queue_scope.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()),
+            format!(
+                "{status}{}",
+                a.active_queue_scope.as_deref().map(|s| format!(" ({})", redact_scope(s))).unwrap_or_default()
+            ),
         ),
     ];
     for (label, value) in rows {

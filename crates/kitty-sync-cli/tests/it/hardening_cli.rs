@@ -381,6 +381,26 @@ fn mode_never_prints_url_passwords_or_keys() {
     assert!(config.contains("key-SECRET"), "the endpoint itself is stored as given: {config}");
 }
 
+#[test]
+fn server_urls_with_secrets_are_used_but_never_shown() {
+    let mut home = Home::new();
+    std::fs::write(home.path().join("config.toml"), "[sync]\nserver_url = \"https://u:pw-SECRET@config.example\"\n")
+        .unwrap();
+    home.set_env("SPEC_KITTY_SAAS_URL", "https://env.example/?access_token=tok-SECRET");
+    let runs = [
+        home.run(&["server"]).expect(0),
+        home.run(&["server", "--json"]).expect(0),
+        home.run(&["status", "--json"]).expect(0),
+        home.run(&["status"]).expect(0),
+        home.run(&["mode"]).expect(0),
+        home.run(&["mode", "external-receiver", "--token-env", "tok-SECRET"]).expect(2),
+    ];
+    for run in &runs {
+        assert_no_secrets(run, &["pw-SECRET", "tok-SECRET"]);
+    }
+    assert!(runs[0].stdout.contains("https://u:***@config.example"), "{}", runs[0].stdout);
+}
+
 // ---------------------------------------------------------------------------------------
 // `-v` shows the cause chain the hint promises.
 
