@@ -8,6 +8,7 @@ mod capture_support;
 mod common;
 mod snapshot;
 
+mod bounds_cli;
 mod config_cli;
 mod delivery_concurrency;
 mod delivery_faults;
