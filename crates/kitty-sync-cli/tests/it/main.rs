@@ -22,3 +22,4 @@ mod migrate_cli;
 mod receiver_cli;
 mod retention_cli;
 mod status_cli;
+mod store_cli;
