@@ -49,3 +49,30 @@ fn negative_user_version_and_foreign_files_are_refused_untouched() {
     assert_eq!(std::fs::read(store_path(home.path())).unwrap(), bytes, "not switched to WAL, not re-stamped");
     assert!(!sidecar(home.path(), "-wal").exists());
 }
+
+/// Home paths the OS accepts but a lossy `file:` URI does not: non-UTF-8 bytes (replaced by
+/// U+FFFD, naming another directory) and a leading `//` (read as a URI authority). Capture
+/// opened the store by path and worked; every later read failed, forever.
+#[test]
+fn odd_home_paths_work_for_every_command() {
+    use std::os::unix::ffi::OsStrExt;
+    let base = tempfile::tempdir().unwrap();
+    let receiver = crate::common::Receiver::start(&base.path().join("receiver.db"), &[]);
+    let non_utf8 = base.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9 #1?"));
+    let double_slash = PathBuf::from(format!("/{}", base.path().join("double").display()));
+    for home in [non_utf8, double_slash] {
+        let run = |args: &[&str]| {
+            let mut command = crate::common::bin();
+            command.arg("--home").arg(&home).args(args);
+            crate::common::Run::from(command.output().unwrap())
+        };
+        run(&["mode", "external-receiver", "--endpoint", &receiver.endpoint()]).expect(0);
+        let id = run(&["emit", "--type", "A"]).expect(0).stdout.trim().to_string();
+        let status = run(&["status", "--json"]).expect(0).json();
+        assert_eq!(status["event_journal"]["retained_event_count"], 1, "{home:?}");
+        run(&["inspect", &id]).expect(0);
+        let report = run(&["now", "--json"]).expect(0).json();
+        assert_eq!(report["delivered"], 1, "{home:?}");
+        run(&["gc", "--dry-run"]).expect(0);
+    }
+}

@@ -5,6 +5,7 @@
 pub mod schema;
 pub mod selection;
 pub mod stats;
+mod uri;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,10 +63,10 @@ impl Store {
         // With no frames in the WAL (no file, or an empty one after a checkpoint) `immutable`
         // reads the database without creating -wal/-shm: a read-only command creates no file
         // and works on a read-only home. With frames present, read through the WAL.
-        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let wal = sidecar(&path, "-wal");
         let wal_has_frames = std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false);
         let mode = if wal_has_frames { "mode=ro" } else { "immutable=1" };
-        let uri = format!("file:{}?{mode}", uri_escape(&path));
+        let uri = uri::file_uri(&path, mode);
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
@@ -91,7 +92,7 @@ impl Store {
     /// A second, read-only connection to the same store (for reading ahead while this
     /// connection writes).
     pub fn reader(&self) -> Result<Connection> {
-        let uri = format!("file:{}?mode=ro", uri_escape(&self.path));
+        let uri = uri::file_uri(&self.path, "mode=ro");
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&self.path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
@@ -101,7 +102,7 @@ impl Store {
     /// Size of the database file plus its WAL, in bytes.
     pub fn file_bytes(&self) -> u64 {
         let main = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        let wal = std::fs::metadata(format!("{}-wal", self.path.display())).map(|m| m.len()).unwrap_or(0);
+        let wal = std::fs::metadata(sidecar(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0);
         main + wal
     }
 
@@ -230,15 +231,11 @@ fn new_node_id() -> String {
     hex::encode(bytes)
 }
 
-fn uri_escape(path: &Path) -> String {
-    let mut out = String::new();
-    for ch in path.to_string_lossy().chars() {
-        match ch {
-            '?' | '#' | '%' => out.push_str(&format!("%{:02X}", ch as u32)),
-            _ => out.push(ch),
-        }
-    }
-    out
+/// `<store>-wal`, `<store>-shm`: built from the path's bytes (`display()` is lossy).
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Exit 2, like any input file that is not what it should be: the operator put (or left) a
@@ -317,7 +314,7 @@ mod tests {
 
     /// Every byte of the file and the absence of sidecars, for "refused untouched".
     fn snapshot(home: &Home) -> (Vec<u8>, bool) {
-        let wal = std::path::PathBuf::from(format!("{}-wal", home.store_path().display()));
+        let wal = sidecar(&home.store_path(), "-wal");
         (std::fs::read(home.store_path()).unwrap(), wal.exists())
     }
 
