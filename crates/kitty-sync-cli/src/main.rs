@@ -1,6 +1,7 @@
 //! `kitty-sync`: parses the command line, calls the engine, renders text or JSON, and maps
 //! errors to the contract's exit codes.
 
+mod args;
 mod cmd;
 mod exit_status;
 mod output;

@@ -32,11 +32,11 @@ pub struct NowArgs {
     #[arg(long, value_name = "N", default_value_t = 3)]
     retries: u32,
     /// Request timeout in seconds
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = crate::args::positive_seconds)]
+    timeout: Duration,
     /// Wait up to SECS for another drain to finish (default: do not wait)
-    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
-    wait: f64,
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
     /// Also write the JSON report to PATH
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
@@ -73,7 +73,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
     }
     let mode = ctx.config.mode()?;
     ctx.check_delivery(mode)?;
-    let timeout = seconds(args.timeout, "--timeout")?;
+    let timeout = args.timeout;
     let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {
         let note = format!("Event sync mode {mode}: events are retained locally; nothing is delivered in this mode.");
         let report = NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()), error: None };
@@ -81,7 +81,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         printer.line(note);
         return Ok(ExitStatus::Success);
     };
-    let wait = seconds(args.wait, "--wait")?;
+    let wait = args.wait;
     let refused = |e: kitty_sync::Error| -> Result<ExitStatus> {
         let error = ReportedError { message: e.to_string(), hint: e.hint().to_string(), exit_code: e.exit_code() };
         let report = NowReport { mode: mode.display_name(), summary: None, note: None, error: Some(error) };
@@ -128,13 +128,6 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
     printer.line(final_line(&summary, mode.display_name()));
     unsaved?;
     exit_code(&summary, printer)
-}
-
-fn seconds(value: f64, flag: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        Error::usage(format!("invalid {flag} {value}: expected a non-negative number of seconds"), "e.g. 30 or 0.5")
-            .into()
-    })
 }
 
 fn emit_report(report: &NowReport<'_>, args: &NowArgs, printer: &Printer) -> Result<()> {

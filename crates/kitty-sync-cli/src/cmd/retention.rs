@@ -30,8 +30,8 @@ pub struct ArchiveArgs {
     #[arg(long)]
     dry_run: bool,
     /// Wait up to SECS for a running drain to finish
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
-    wait: u64,
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -40,8 +40,8 @@ pub struct GcArgs {
     #[arg(long)]
     dry_run: bool,
     /// Wait up to SECS for a running drain to finish
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
-    wait: u64,
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
 }
 
 /// The store for writing; for `--dry-run`, read-only (a dry run writes nothing, not even a
@@ -85,7 +85,7 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
     };
     let current = current_target(&ctx, printer)?;
     let mut store = open_store(home, args.dry_run)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, Duration::from_secs(args.wait), "archive")?) };
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "archive")?) };
     let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), args.dry_run)?;
     if printer.json {
         if let Some(note) = &report.note {
@@ -112,7 +112,7 @@ pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<E
     let home = &ctx.home;
     let current = current_target(&ctx, printer)?;
     let mut store = open_store(home, args.dry_run)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, Duration::from_secs(args.wait), "gc")?) };
+    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "gc")?) };
     let bar = crate::output::Progress::bar(printer, "purging");
     let report =
         retention::gc(&mut store, current.as_ref(), args.dry_run, &mut |done, total| bar.update(done, Some(total)));

@@ -8,6 +8,7 @@ mod capture_support;
 mod common;
 mod snapshot;
 
+mod bounds_cli;
 mod config_cli;
 mod delivery_concurrency;
 mod delivery_faults;
@@ -22,3 +23,4 @@ mod migrate_cli;
 mod receiver_cli;
 mod retention_cli;
 mod status_cli;
+mod store_cli;

@@ -5,6 +5,7 @@
 pub mod schema;
 pub mod selection;
 pub mod stats;
+mod uri;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +20,15 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 const FORMAT_KEY: &str = "store_format";
 const FORMAT_VALUE: &str = "kitty-sync/1";
+/// Any kitty-sync, including a newer one with another format.
+const FORMAT_FAMILY: &str = "kitty-sync/";
+
+/// What [`Store::identify`] found.
+enum Found {
+    /// No tables yet: a new store (or none at all for a read-only open).
+    Empty,
+    Ours,
+}
 
 pub struct Store {
     conn: Connection,
@@ -33,7 +43,11 @@ impl Store {
         let path = home.store_path();
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&path, e))?;
         let mut store = Store { conn, path };
+        // Reads only: a file that is not (yet) known to be a kitty-sync store is refused
+        // before anything (WAL mode, auto_vacuum, the version stamp) is written to it.
+        store.identify()?;
         store.configure_writer()?;
         store.migrate()?;
         Ok(store)
@@ -49,21 +63,18 @@ impl Store {
         // With no frames in the WAL (no file, or an empty one after a checkpoint) `immutable`
         // reads the database without creating -wal/-shm: a read-only command creates no file
         // and works on a read-only home. With frames present, read through the WAL.
-        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        let wal = sidecar(&path, "-wal");
         let wal_has_frames = std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false);
         let mode = if wal_has_frames { "mode=ro" } else { "immutable=1" };
-        let uri = format!("file:{}?{mode}", uri_escape(&path));
+        let uri = uri::file_uri(&path, mode);
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
         let store = Store { conn, path };
-        let version = store.user_version()?;
-        if version == 0 && !store.has_table("meta")? {
-            return Ok(None);
+        match store.identify()? {
+            Found::Empty => Ok(None),
+            Found::Ours => Ok(Some(store)),
         }
-        store.check_version(version)?;
-        store.check_format()?;
-        Ok(Some(store))
     }
 
     pub fn path(&self) -> &Path {
@@ -81,7 +92,7 @@ impl Store {
     /// A second, read-only connection to the same store (for reading ahead while this
     /// connection writes).
     pub fn reader(&self) -> Result<Connection> {
-        let uri = format!("file:{}?mode=ro", uri_escape(&self.path));
+        let uri = uri::file_uri(&self.path, "mode=ro");
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&self.path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
@@ -91,12 +102,11 @@ impl Store {
     /// Size of the database file plus its WAL, in bytes.
     pub fn file_bytes(&self) -> u64 {
         let main = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        let wal = std::fs::metadata(format!("{}-wal", self.path.display())).map(|m| m.len()).unwrap_or(0);
+        let wal = std::fs::metadata(sidecar(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0);
         main + wal
     }
 
     fn configure_writer(&self) -> Result<()> {
-        self.conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&self.path, e))?;
         let page_count: i64 =
             self.conn.query_row("PRAGMA page_count", [], |r| r.get(0)).map_err(|e| open_error(&self.path, e))?;
         if page_count == 0 {
@@ -130,7 +140,18 @@ impl Store {
             .map_err(|e| open_error(&self.path, e))
     }
 
-    fn check_version(&self, version: i64) -> Result<()> {
+    /// What the file is, from reads alone. A kitty-sync store has a non-negative
+    /// `user_version` and, from version 1 on, a `meta` table naming its format; a file
+    /// without tables is a new store. Anything else is refused without being written to.
+    fn identify(&self) -> Result<Found> {
+        let version = self.user_version()?;
+        if version == 0 && !self.has_any_table()? {
+            return Ok(Found::Empty);
+        }
+        let format = self.format()?;
+        if version <= 0 || !format.as_deref().is_some_and(|f| f.starts_with(FORMAT_FAMILY)) {
+            return Err(not_our_store(&self.path));
+        }
         if version > schema::LATEST_VERSION {
             return Err(Error::StoreUnusable {
                 message: format!(
@@ -141,38 +162,35 @@ impl Store {
                 hint: "upgrade kitty-sync; nothing was changed".into(),
             });
         }
-        Ok(())
-    }
-
-    fn check_format(&self) -> Result<()> {
-        let format: Option<String> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key=?1", [FORMAT_KEY], |r| r.get(0))
-            .optional()
-            .map_err(|e| open_error(&self.path, e))?;
         match format.as_deref() {
-            Some(FORMAT_VALUE) => Ok(()),
+            Some(FORMAT_VALUE) => Ok(Found::Ours),
             _ => Err(not_our_store(&self.path)),
         }
     }
 
-    fn migrate(&mut self) -> Result<()> {
-        let version = self.user_version()?;
-        self.check_version(version)?;
-        if version == schema::LATEST_VERSION {
-            return self.check_format();
+    fn format(&self) -> Result<Option<String>> {
+        if !self.has_table("meta")? {
+            return Ok(None);
         }
-        if version == 0 && self.has_any_table()? {
-            return Err(not_our_store(&self.path));
-        }
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [FORMAT_KEY], |r| r.get(0))
+            .optional()
+            .map_err(|e| open_error(&self.path, e))
+    }
 
+    fn migrate(&mut self) -> Result<()> {
+        if self.user_version()? == schema::LATEST_VERSION {
+            return Ok(());
+        }
         let path = self.path.clone();
         let tx =
             self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| open_error(&path, e))?;
         // Another process may have migrated while we waited for the write lock.
         let version: i64 =
             tx.query_row("PRAGMA user_version", [], |r| r.get(0)).ctx("cannot read the store version")?;
-        for (index, step) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        // Re-checked under the write lock: whoever migrated meanwhile wrote a valid version.
+        let done = usize::try_from(version).map_err(|_| not_our_store(&path))?;
+        for (index, step) in schema::MIGRATIONS.iter().enumerate().skip(done) {
             tx.execute_batch(step).ctx(&format!("cannot apply store migration {}", index + 1))?;
         }
         if version == 0 {
@@ -213,22 +231,20 @@ fn new_node_id() -> String {
     hex::encode(bytes)
 }
 
-fn uri_escape(path: &Path) -> String {
-    let mut out = String::new();
-    for ch in path.to_string_lossy().chars() {
-        match ch {
-            '?' | '#' | '%' => out.push_str(&format!("%{:02X}", ch as u32)),
-            _ => out.push(ch),
-        }
-    }
-    out
+/// `<store>-wal`, `<store>-shm`: built from the path's bytes (`display()` is lossy).
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
+/// Exit 2, like any input file that is not what it should be: the operator put (or left) a
+/// foreign file where the store belongs; nothing is wrong with the disk or the database.
 fn not_our_store(path: &Path) -> Error {
-    Error::StoreUnusable {
-        message: format!("{} is not a kitty-sync store", path.display()),
-        hint: "move the file aside (kitty-sync never overwrites it); a new store is created on the next capture".into(),
-    }
+    Error::usage(
+        format!("{} is not a kitty-sync store", path.display()),
+        "move the file aside (kitty-sync never writes to it); a new store is created on the next capture",
+    )
 }
 
 fn open_error(path: &Path, e: rusqlite::Error) -> Error {
@@ -296,13 +312,41 @@ mod tests {
         assert_eq!(std::fs::read(home.store_path()).unwrap(), vec![b'x'; 4096]);
     }
 
+    /// Every byte of the file and the absence of sidecars, for "refused untouched".
+    fn snapshot(home: &Home) -> (Vec<u8>, bool) {
+        let wal = sidecar(&home.store_path(), "-wal");
+        (std::fs::read(home.store_path()).unwrap(), wal.exists())
+    }
+
     #[test]
-    fn foreign_sqlite_file_is_refused() {
+    fn foreign_sqlite_file_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::at(dir.path());
         home.ensure_sync_dir().unwrap();
-        Connection::open(home.store_path()).unwrap().execute_batch("CREATE TABLE other(x)").unwrap();
+        let conn = Connection::open(home.store_path()).unwrap();
+        conn.execute_batch("CREATE TABLE other(x); PRAGMA user_version = 7;").unwrap();
+        drop(conn);
+        let before = snapshot(&home);
         let err = Store::open(&home).err().unwrap();
         assert!(err.to_string().contains("not a kitty-sync store"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        assert_eq!(snapshot(&home), before, "not switched to WAL, not re-stamped");
+        assert_eq!(Store::open_read_only(&home).err().unwrap().exit_code(), 2);
+    }
+
+    #[test]
+    fn negative_user_version_is_not_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        drop(Store::open(&home).unwrap());
+        let conn = Connection::open(home.store_path()).unwrap();
+        conn.pragma_update(None, "user_version", -1).unwrap();
+        drop(conn);
+        let before = snapshot(&home);
+        for err in [Store::open(&home).err().unwrap(), Store::open_read_only(&home).err().unwrap()] {
+            assert!(err.to_string().contains("not a kitty-sync store"), "{err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+        assert_eq!(snapshot(&home), before, "never stamped as current");
     }
 }
