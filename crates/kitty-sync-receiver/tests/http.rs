@@ -1,5 +1,7 @@
 //! The receiver as a peer sees it: a real server on 127.0.0.1:0, spoken to over HTTP.
 
+#[path = "http/abuse.rs"]
+mod abuse;
 mod common;
 
 use std::collections::BTreeSet;
