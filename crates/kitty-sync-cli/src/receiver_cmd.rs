@@ -17,7 +17,7 @@ use kitty_sync_receiver::{
 #[derive(clap::Subcommand, Debug)]
 pub enum ReceiverCommand {
     /// Run the built-in receiver: a batch-protocol HTTP server that stores events in SQLite
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List what a receiver database holds (opened read-only; never created or changed)
     Dump(DumpArgs),
 }
@@ -88,7 +88,7 @@ pub struct DumpArgs {
 
 pub fn run(cmd: ReceiverCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        ReceiverCommand::Serve(args) => serve(args),
+        ReceiverCommand::Serve(args) => serve(*args),
         ReceiverCommand::Dump(args) => dump(&args, json),
     }
 }
