@@ -110,8 +110,27 @@ pub(crate) fn store_failure(error: &StoreError) -> Failure {
             retry_after: true,
             ..Failure::new(503, format!("receiver database is busy, retry later: {error}"))
         },
+        StoreError::Backend { .. } if disk_full(error) => Failure {
+            retry_after: true,
+            ..Failure::new(503, format!("receiver database disk is full, retry later: {error}"))
+        },
         _ => Failure::new(500, format!("receiver storage failure: {error}")),
     }
+}
+
+/// SQLite's full-disk error, typed or (after a group commit shared it) as its fixed text.
+fn disk_full(error: &StoreError) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(sqlite) = current.downcast_ref::<rusqlite::Error>() {
+            return sqlite.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+        }
+        if current.to_string().contains("database or disk is full") {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 fn bad_request(error: String) -> Failure {

@@ -14,6 +14,7 @@ mod delivery_faults;
 mod delivery_reset;
 mod delivery_story;
 mod delivery_teamspace;
+mod disk_full;
 mod emit_cli;
 mod errors_cli;
 mod inspect_cli;
