@@ -17,7 +17,7 @@ use kitty_sync_receiver::{
 #[derive(clap::Subcommand, Debug)]
 pub enum ReceiverCommand {
     /// Run the built-in receiver: a batch-protocol HTTP server that stores events in SQLite
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List what a receiver database holds (opened read-only; never created or changed)
     Dump(DumpArgs),
 }
@@ -75,6 +75,8 @@ pub struct ServeArgs {
     /// Testing: wait this many milliseconds before every response (after the batch is committed)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub delay_ms: u64,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,7 +88,7 @@ pub struct DumpArgs {
 
 pub fn run(cmd: ReceiverCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        ReceiverCommand::Serve(args) => serve(args),
+        ReceiverCommand::Serve(args) => serve(*args),
         ReceiverCommand::Dump(args) => dump(&args, json),
     }
 }
@@ -129,6 +131,7 @@ fn server_config(args: &ServeArgs, token: Option<BearerToken>) -> ServerConfig {
             delay: Duration::from_millis(args.delay_ms),
         },
         shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        connections: args.connections.limits(),
     }
 }
 
@@ -374,5 +377,40 @@ mod tests {
         let error = read_token("KITTY_SYNC_RECEIVER_TEST_SURELY_UNSET").unwrap_err();
         assert_eq!(error.exit_code(), 2);
         assert!(error.hint().contains("export KITTY_SYNC_RECEIVER_TEST_SURELY_UNSET="));
+    }
+}
+
+/// Bounds on abusive or broken clients: slow headers, slow or endless bodies, idle floods.
+#[derive(clap::Args, Debug)]
+pub struct ConnectionArgs {
+    /// Open connections at most; past it the longest-idle one (or the one stuck longest
+    /// sending its body) is closed to make room
+    #[arg(long, value_name = "N", default_value_t = kitty_sync_receiver::config::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a connection has to send a complete request head, from its opening or from
+    /// its previous answer (also closes idle keep-alive connections)
+    #[arg(long, value_name = "SECS", default_value_t = kitty_sync_receiver::config::DEFAULT_HEADER_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+    /// Longest pause, in seconds, while a request body arrives; after it a too slow body is
+    /// answered 408
+    #[arg(long, value_name = "SECS", default_value_t = kitty_sync_receiver::config::DEFAULT_BODY_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+    /// Slowest average rate (bytes per second) a body may arrive at once --body-timeout has
+    /// passed; 0 turns the rate check off
+    #[arg(long, value_name = "BYTES", default_value_t = kitty_sync_receiver::config::DEFAULT_MIN_BODY_RATE)]
+    pub min_body_rate: u64,
+}
+
+impl ConnectionArgs {
+    fn limits(&self) -> kitty_sync_receiver::ConnectionLimits {
+        kitty_sync_receiver::ConnectionLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            header_timeout: Duration::from_secs(self.header_timeout),
+            body_timeout: Duration::from_secs(self.body_timeout),
+            min_body_rate: self.min_body_rate,
+        }
     }
 }

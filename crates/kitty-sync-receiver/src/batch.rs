@@ -110,8 +110,27 @@ pub(crate) fn store_failure(error: &StoreError) -> Failure {
             retry_after: true,
             ..Failure::new(503, format!("receiver database is busy, retry later: {error}"))
         },
+        StoreError::Backend { .. } if disk_full(error) => Failure {
+            retry_after: true,
+            ..Failure::new(503, format!("receiver database disk is full, retry later: {error}"))
+        },
         _ => Failure::new(500, format!("receiver storage failure: {error}")),
     }
+}
+
+/// SQLite's full-disk error, typed or (after a group commit shared it) as its fixed text.
+fn disk_full(error: &StoreError) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(sqlite) = current.downcast_ref::<rusqlite::Error>() {
+            return sqlite.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+        }
+        if current.to_string().contains("database or disk is full") {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 fn bad_request(error: String) -> Failure {
@@ -170,6 +189,14 @@ fn judge<'a>(events: &[&'a RawValue], rules: &Rules<'_>) -> Result<Vec<Verdict<'
 }
 
 fn judge_one<'a>(raw: &'a str, rules: &Rules<'_>, alone: bool) -> Result<Verdict<'a>, Failure> {
+    if nested_deeper_than(raw, envelope::MAX_JSON_DEPTH) {
+        let error = format!(
+            "envelope nested deeper than {} levels of arrays and objects (kitty-sync emit refuses it too)",
+            envelope::MAX_JSON_DEPTH
+        );
+        let event_id = if json_kind(raw) == "object" { head_event_id(raw) } else { Value::Null };
+        return Ok(Verdict::Reject { event_id, error });
+    }
     let value = match identity_fields(raw) {
         Ok(value) => value,
         Err(e) => {
@@ -222,6 +249,44 @@ fn identity_fields(raw: &str) -> Result<Value, serde_json::Error> {
         return Ok(Value::Object(fields));
     }
     serde_json::from_str(raw)
+}
+
+/// Whether `raw` (valid JSON) nests arrays and objects more than `max` levels, counted
+/// without recursion so that no depth can exhaust the stack.
+fn nested_deeper_than(raw: &str, max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for byte in raw.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The `event_id` of a too-deep envelope, for its `rejected` result, when it is a string
+/// that comes before the deep part (serde skips other fields without recursing).
+fn head_event_id(raw: &str) -> Value {
+    match serde_json::from_str::<Head>(raw) {
+        Ok(Head { event_id: Some(id @ Value::String(_)), .. }) => id,
+        _ => Value::Null,
+    }
 }
 
 fn oversized<'a>(size: usize, max: usize, event_id: Value, alone: bool) -> Result<Verdict<'a>, Failure> {
@@ -311,6 +376,21 @@ mod tests {
         match judge_one(r#"{"event_id":null,"event_type":"A"}"#, &rules, false) {
             Ok(Verdict::Reject { event_id, error }) => {
                 assert_eq!((event_id, error.as_str()), (Value::Null, "missing event_id"));
+            }
+            _ => panic!("not rejected"),
+        }
+        let deep = format!(
+            r#"{{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN16","event_type":"A","p":{}{}}}"#,
+            "[".repeat(127),
+            "]".repeat(127)
+        );
+        let rules_wide = Rules { max_event_bytes: 1 << 20, reject_types: &types };
+        assert!(matches!(judge_one(&deep, &rules_wide, false), Ok(Verdict::Accept { .. })), "128 levels pass");
+        let deeper = deep.replacen('[', "[[", 1).replacen(']', "]]", 1);
+        match judge_one(&deeper, &rules_wide, false) {
+            Ok(Verdict::Reject { event_id, error }) => {
+                assert_eq!(event_id, "01KVYWRGJEV7CEZW6J7GXEBN16");
+                assert!(error.contains("nested deeper than 128"), "{error}");
             }
             _ => panic!("not rejected"),
         }

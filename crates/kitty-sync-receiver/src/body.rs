@@ -3,6 +3,7 @@
 //! ever held in memory.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -10,6 +11,8 @@ use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH, EXPECT};
 use flate2::read::MultiGzDecoder;
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// After answering 413 we keep reading (and discarding) this much of the rest of the body, so
 /// the client sees our answer instead of a connection reset caused by unread data.
@@ -29,6 +32,10 @@ pub(crate) enum ReadError {
     TooLarge,
     /// The connection failed while the body was being read.
     Transport(String),
+    /// The body arrived slower than [`Pace`] allows.
+    TooSlow(String),
+    /// Bodies being read at once already hold the whole reading budget.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -77,24 +84,110 @@ pub(crate) fn refuse_before_upload(headers: &HeaderMap, limit: usize) -> bool {
     expects_continue && declared_length(headers).is_some_and(|n| n > limit as u64)
 }
 
-/// Collects at most `limit` bytes. Over the limit, the rest is drained (bounded) and dropped.
-pub(crate) async fn collect(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Vec<u8>, ReadError> {
+/// How fast a body must arrive: no pause longer than `pause`, and once `pause` has passed
+/// since the first byte was due, at least `min_rate` bytes per second on average (0: no
+/// rate bound). Slow or stalled uploads end instead of holding memory and a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    pub pause: Duration,
+    pub min_rate: u64,
+}
+
+impl Pace {
+    /// When more bytes must have arrived, given when reading began, the last progress and
+    /// the bytes received so far.
+    fn next_deadline(&self, start: Instant, last_progress: Instant, received: u64) -> Instant {
+        let by_pause = last_progress + self.pause;
+        if self.min_rate == 0 {
+            return by_pause;
+        }
+        let allowed = Duration::from_secs_f64((received + 1) as f64 / self.min_rate as f64);
+        by_pause.min(start + self.pause + allowed.min(Duration::from_secs(86_400)))
+    }
+}
+
+/// A read body and its share of the reading budget, held until the body is processed.
+pub(crate) struct Collected {
+    pub bytes: Vec<u8>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// How long a reader waits for room in an exhausted reading budget before answering 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+/// Bytes that all bodies being read at once may hold together, counted in KiB permits.
+pub(crate) fn reading_budget(max_body: usize) -> Semaphore {
+    let bytes = wire_limit(Encoding::Gzip, max_body).saturating_mul(4).max(64 * 1024 * 1024);
+    Semaphore::new((bytes / 1024).min(Semaphore::MAX_PERMITS))
+}
+
+/// Collects at most `limit` bytes, arriving at `pace`, each chunk paid for from `budget`.
+/// Over the limit, the rest is drained (bounded) and dropped.
+pub(crate) async fn collect(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    pace: Pace,
+    budget: &Arc<Semaphore>,
+) -> Result<Collected, ReadError> {
     if declared_length(headers).is_some_and(|n| n > limit as u64) {
         drain(body).await;
         return Err(ReadError::TooLarge);
     }
-    let capacity = declared_length(headers).map_or(64 * 1024, |n| n as usize).min(limit);
+    let capacity = declared_length(headers).map_or(64 * 1024, |n| n as usize).min(limit).min(1024 * 1024);
     let mut buffer = Vec::with_capacity(capacity);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Transport(e.to_string()))?;
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let start = Instant::now();
+    let mut last_progress = start;
+    loop {
+        let deadline = pace.next_deadline(start, last_progress, buffer.len() as u64);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame.map_err(|e| ReadError::Transport(e.to_string()))?,
+            Ok(None) => break,
+            Err(_) => return Err(too_slow(&pace, buffer.len(), start)),
+        };
         let Ok(data) = frame.into_data() else { continue };
         if buffer.len() + data.len() > limit {
             drain(body).await;
             return Err(ReadError::TooLarge);
         }
+        reserve(budget, &mut held, buffer.len() + data.len()).await?;
         buffer.extend_from_slice(&data);
+        last_progress = Instant::now();
     }
-    Ok(buffer)
+    Ok(Collected { bytes: buffer, _budget: held })
+}
+
+fn too_slow(pace: &Pace, received: usize, start: Instant) -> ReadError {
+    let waited = start.elapsed().as_secs();
+    ReadError::TooSlow(format!(
+        "request body arrived too slowly: {received} bytes in {waited} s (a pause over {} s, or under {} bytes/s)",
+        pace.pause.as_secs(),
+        pace.min_rate
+    ))
+}
+
+/// Grows the permit held for this body to cover `total` bytes.
+async fn reserve(
+    budget: &Arc<Semaphore>,
+    held: &mut Option<OwnedSemaphorePermit>,
+    total: usize,
+) -> Result<(), ReadError> {
+    let needed = total.div_ceil(1024);
+    let have = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+    if needed <= have {
+        return Ok(());
+    }
+    let more = u32::try_from(needed - have).map_err(|_| ReadError::TooLarge)?;
+    let permit = tokio::time::timeout(BUDGET_WAIT, Arc::clone(budget).acquire_many_owned(more))
+        .await
+        .map_err(|_| ReadError::Busy)?
+        .map_err(|_| ReadError::Busy)?;
+    match held {
+        Some(existing) => existing.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
 }
 
 /// Reads and discards what is left of a body, within [`DRAIN_MAX_BYTES`] and

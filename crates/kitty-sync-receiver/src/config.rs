@@ -14,6 +14,18 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_FAIL_STATUS: u16 = 503;
 /// How long a shutdown waits for in-flight requests before it gives up on them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default bound on open connections; past it the longest-idle connection makes room.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default time a connection has to deliver a complete request head, counted from its
+/// opening or from its previous answer (so it also closes idle keep-alive connections).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest pause while a request body arrives, and the grace before the minimum
+/// rate applies.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default slowest average rate (bytes per second) at which a body may arrive once the
+/// grace period has passed: a 8 MiB body may take over two hours, a trickle of a few bytes
+/// a second is cut off.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -26,6 +38,7 @@ pub struct ServerConfig {
     pub deployment: Deployment,
     pub faults: Faults,
     pub shutdown_grace: Duration,
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +50,33 @@ impl Default for ServerConfig {
             deployment: Deployment::default(),
             faults: Faults::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            connections: ConnectionLimits::default(),
+        }
+    }
+}
+
+/// Bounds that keep slow, idle or endless clients from starving honest ones.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Open connections at most. A new connection past it closes the longest-idle one (or
+    /// one stuck longest in sending its body); when every connection is working it is
+    /// answered 503 with `Retry-After`.
+    pub max_connections: usize,
+    /// See [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// See [`DEFAULT_BODY_TIMEOUT`].
+    pub body_timeout: Duration,
+    /// See [`DEFAULT_MIN_BODY_RATE`]; 0 turns the rate check off (the pause limit stays).
+    pub min_body_rate: u64,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
         }
     }
 }

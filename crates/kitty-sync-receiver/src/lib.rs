@@ -23,11 +23,12 @@
 mod batch;
 mod body;
 pub mod config;
+mod connections;
 mod routes;
 mod server;
 pub mod store;
 
-pub use config::{BearerToken, Deployment, Faults, ServerConfig};
+pub use config::{BearerToken, ConnectionLimits, Deployment, Faults, ServerConfig};
 pub use routes::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
 pub use server::{RunningServer, ServeError, Server};
 pub use store::sqlite::SqliteStore;

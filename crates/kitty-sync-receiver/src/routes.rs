@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use crate::batch::{self, Failure, Rules};
 use crate::body::{self, DecodeError, ReadError};
 use crate::config::ServerConfig;
+use crate::connections::Activity;
 use crate::store::{BatchRecord, ReceiverStore, StoredEvent};
 
 /// `GET /api/v1/events/` page size when `limit` is absent, and the most it will return.
@@ -34,8 +35,10 @@ pub(crate) struct AppState {
     /// Batch requests seen after authentication, for `--fail-every`.
     pub batches: AtomicU64,
     /// Bounds how many batch bodies are held and processed at once, so memory stays flat
-    /// however many clients connect; the others wait with their bodies unread.
+    /// however many clients connect; the others wait with their bodies read.
     pub batch_slots: Semaphore,
+    /// Bounds the bytes of all bodies being read at once (see [`body::reading_budget`]).
+    pub reading_budget: Arc<Semaphore>,
 }
 
 /// Batches processed at once: enough to keep the cores busy parsing while one commits.
@@ -60,9 +63,15 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn post_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn post_batch(
+    State(state): State<Arc<AppState>>,
+    activity: Option<Extension<Arc<Activity>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let received_at = Timestamp::now();
-    match accept_batch(&state, &headers, body, received_at).await {
+    let activity = activity.map(|Extension(activity)| activity);
+    match accept_batch(&state, activity.as_deref(), &headers, body, received_at).await {
         Ok(json) => json_response(StatusCode::OK, json),
         Err(failure) => {
             record_failure(&state, &failure, received_at).await;
@@ -73,6 +82,7 @@ async fn post_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, body
 
 async fn accept_batch(
     state: &Arc<AppState>,
+    activity: Option<&Activity>,
     headers: &HeaderMap,
     body: Body,
     received_at: Timestamp,
@@ -92,24 +102,29 @@ async fn accept_batch(
             return Err(Failure::new(415, error));
         }
     };
-    // Only fails once the semaphore is closed, which this server never does.
-    let _slot = state
-        .batch_slots
-        .acquire()
-        .await
-        .map_err(|_| Failure { retry_after: true, ..Failure::new(503, "the receiver is shutting down") })?;
     let max_body = state.config.max_body_bytes;
     let limit = body::wire_limit(encoding, max_body);
     if body::refuse_before_upload(headers, limit) {
         return Err(body_too_large(max_body));
     }
-    let wire = body::collect(headers, body, limit).await.map_err(|e| match e {
+    let limits = &state.config.connections;
+    let pace = body::Pace { pause: limits.body_timeout, min_rate: limits.min_body_rate };
+    // The body is read before a batch slot is taken: a slow client then holds only the
+    // bytes it sent, never a slot that honest batches wait for.
+    let collected = body::collect(headers, body, limit, pace, &state.reading_budget).await.map_err(|e| match e {
         ReadError::TooLarge => body_too_large(max_body),
         ReadError::Transport(text) => Failure::new(400, format!("cannot read the request body: {text}")),
+        ReadError::TooSlow(text) => Failure::new(408, text),
+        ReadError::Busy => busy("the receiver is reading too many request bodies at once, retry later"),
     })?;
+    if let Some(activity) = activity {
+        activity.body_received();
+    }
+    // Only fails once the semaphore is closed, which this server never does.
+    let _slot = state.batch_slots.acquire().await.map_err(|_| busy("the receiver is shutting down"))?;
     let state = Arc::clone(state);
     let work = move || {
-        let json = body::decode(encoding, wire, max_body).map_err(|e| match e {
+        let json = body::decode(encoding, collected.bytes, max_body).map_err(|e| match e {
             DecodeError::TooLarge => body_too_large(max_body),
             DecodeError::Malformed(text) => Failure::new(400, text),
         })?;
@@ -118,6 +133,10 @@ async fn accept_batch(
         batch::run(state.store.as_ref(), &rules, &json, received_at)
     };
     tokio::task::spawn_blocking(work).await.map_err(|e| Failure::new(500, format!("batch processing failed: {e}")))?
+}
+
+fn busy(error: &str) -> Failure {
+    Failure { retry_after: true, ..Failure::new(503, error) }
 }
 
 fn body_too_large(max_body: usize) -> Failure {
@@ -180,6 +199,10 @@ fn failure_response(failure: &Failure) -> Response {
     }
     if status == StatusCode::UNAUTHORIZED {
         headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of a too-slow body is never read, so the connection cannot carry another request.
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

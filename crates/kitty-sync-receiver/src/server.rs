@@ -1,16 +1,24 @@
 //! Binding, serving and graceful shutdown.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
 
-use axum::serve::ListenerExt;
-use tokio::sync::oneshot;
+use std::time::Duration;
 
-use crate::config::ServerConfig;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::body;
+use crate::config::{ConnectionLimits, ServerConfig};
+use crate::connections::{Admission, Registry, Ticket};
 use crate::routes::{self, AppState};
 use crate::store::ReceiverStore;
 
@@ -44,8 +52,9 @@ impl Server {
         let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
-        let state =
-            Arc::new(AppState { store, config, batches: AtomicU64::new(0), batch_slots: routes::batch_slots() });
+        let reading_budget = Arc::new(body::reading_budget(config.max_body_bytes));
+        let batch_slots = routes::batch_slots();
+        let state = Arc::new(AppState { store, config, batches: AtomicU64::new(0), batch_slots, reading_budget });
         Ok(Server { listener, addr, state })
     }
 
@@ -58,29 +67,145 @@ impl Server {
     /// runtime with I/O and timers enabled.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let grace = self.state.config.shutdown_grace;
-        let listener = tokio::net::TcpListener::from_std(self.listener)?.tap_io(|stream| {
+        let listener = tokio::net::TcpListener::from_std(self.listener)?;
+        let limits = self.state.config.connections.clone();
+        let registry = Registry::new(limits.max_connections);
+        let http = http1_builder(&limits);
+        let app = routes::router(self.state);
+        let (stop, stopped) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        let refusals = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => break,
+            };
+            // Finished connections are reaped here so the set stays as small as the open ones.
+            while connections.try_join_next().is_some() {}
+            let stream = match stream {
+                Ok((stream, _)) => stream,
+                Err(e) if transient_accept_error(&e) => {
+                    // Out of file descriptors or a connection reset before we took it:
+                    // back off briefly instead of spinning, then keep serving.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             // Responses are written whole; Nagle would only add latency on small answers.
             let _ = stream.set_nodelay(true);
-        });
-        let app = routes::router(self.state);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .into_future();
-        let mut serving = std::pin::pin!(serving);
+            match registry.admit() {
+                Admission::Admitted(ticket) => {
+                    let task = serve_connection(http.clone(), app.clone(), stream, ticket, stopped.clone());
+                    connections.spawn(task);
+                }
+                Admission::Full => {
+                    if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                        tokio::spawn(async move {
+                            refuse_connection(stream).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            }
+        }
+        drop(listener);
+        let _ = stop.send(true);
+        let drained = async { while connections.join_next().await.is_some() {} };
+        tokio::time::timeout(grace, drained).await.map_err(|_| ServeError::ShutdownTimedOut(grace))
+    }
+}
+
+/// Connections refused at once (answer being written) at most; past it they are just closed.
+const MAX_PENDING_REFUSALS: usize = 64;
+
+fn http1_builder(limits: &ConnectionLimits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    // hyper restarts this timer whenever the connection waits for a request head, so it
+    // bounds dribbled headers and idle keep-alive connections alike.
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    builder
+}
+
+fn transient_accept_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    ) || matches!(error.raw_os_error(), Some(code) if code == EMFILE || code == ENFILE || code == ENOBUFS || code == ENOMEM)
+}
+
+// errno values (Linux, macOS and the BSDs agree on these four).
+const ENOMEM: i32 = 12;
+const ENFILE: i32 = 23;
+const EMFILE: i32 = 24;
+#[cfg(target_os = "linux")]
+const ENOBUFS: i32 = 105;
+#[cfg(not(target_os = "linux"))]
+const ENOBUFS: i32 = 55;
+
+/// Serves one connection until it closes, is evicted, or the server shuts down.
+async fn serve_connection(
+    http: http1::Builder,
+    app: axum::Router,
+    stream: tokio::net::TcpStream,
+    ticket: Ticket,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let activity = Arc::clone(ticket.activity());
+    let tracked = Arc::clone(&activity);
+    let service = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let activity = Arc::clone(&tracked);
+        activity.request_started();
+        request.extensions_mut().insert(Arc::clone(&activity));
+        let answer = hyper::service::Service::call(&service, request);
+        async move {
+            let response = answer.await;
+            activity.request_finished();
+            response
+        }
+    });
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = false;
+    loop {
         tokio::select! {
-            result = &mut serving => Ok(result?),
-            () = shutdown => {
-                let _ = stop.send(());
-                match tokio::time::timeout(grace, serving).await {
-                    Ok(result) => Ok(result?),
-                    Err(_) => Err(ServeError::ShutdownTimedOut(grace)),
+            // Errors here are the client's (reset, timeout, malformed head) and end only
+            // this connection.
+            _ = connection.as_mut() => break,
+            // Dropping the connection closes the socket; the registry only evicts
+            // connections that are idle or still sending their body.
+            () = activity.evicted() => break,
+            changed = stopped.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    connection.as_mut().graceful_shutdown();
                 }
             }
         }
     }
+    drop(ticket);
+}
+
+/// The answer to a connection the full server cannot take: a 503 the client retries.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    let body = br#"{"error":"the receiver has too many open connections, retry later","details":[]}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let answer = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.shutdown().await?;
+        // Reading what the client already sent avoids a reset that would destroy the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 impl Server {

@@ -1,5 +1,7 @@
 //! The receiver as a peer sees it: a real server on 127.0.0.1:0, spoken to over HTTP.
 
+#[path = "http/abuse.rs"]
+mod abuse;
 mod common;
 
 use std::collections::BTreeSet;
@@ -410,4 +412,25 @@ fn wait_for_events(receiver: &Receiver, count: u64) {
         assert!(Instant::now() < deadline, "the batch was never committed");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn envelopes_nested_deeper_than_capture_allows_are_rejected() {
+    let receiver = Receiver::start(ServerConfig::default());
+    let deep = |levels: usize, n: u32| {
+        format!(
+            r#"{{"event_id": "{}", "event_type": "Deep", "payload": {}{}}}"#,
+            ulid(n),
+            "[".repeat(levels - 1),
+            "]".repeat(levels - 1)
+        )
+    };
+    let max = kitty_sync::envelope::MAX_JSON_DEPTH;
+    let body = batch(&[deep(100_000, 1), deep(max + 1, 2), deep(max, 3), envelope(&ulid(4), "A")]);
+    let reply = post_gzip(&receiver.batch_url(), &body);
+    assert_eq!(reply.statuses(), ["rejected", "rejected", "success", "success"], "{}", reply.body);
+    let results = reply.json()["results"].clone();
+    assert_eq!(results[0]["event_id"], ulid(1));
+    assert!(results[1]["error"].as_str().unwrap().contains(&format!("nested deeper than {max} levels")));
+    assert_eq!(receiver.stats().event_count, 2);
 }

@@ -22,6 +22,12 @@ pub enum EnvelopeError {
     InvalidEventType,
 }
 
+/// The deepest nesting of arrays and objects an envelope may have, the envelope object itself
+/// counting as one level. Capture and the built-in receiver apply the same number, which is
+/// also serde_json's recursion limit: what one side accepts the other (and common JSON
+/// parsers reading the receiver's listing) can read back.
+pub const MAX_JSON_DEPTH: usize = 128;
+
 /// The two fields kitty-sync itself relies on; everything else is carried opaquely.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeIdentity {

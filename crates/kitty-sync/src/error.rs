@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod disk;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The contract's exit-code classes.
@@ -92,23 +94,31 @@ impl Error {
     }
 
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        let hint = match source.kind() {
-            std::io::ErrorKind::PermissionDenied => {
-                format!("check the permissions of {} (and its directory)", path.display())
-            }
-            std::io::ErrorKind::NotFound => format!("check that {} exists", path.display()),
-            _ => "check the disk and the path, then run the command again".to_string(),
+        let hint = match (disk::DiskCondition::of_io(&source), source.kind()) {
+            (Some(condition), _) => condition.hint(path),
+            (None, std::io::ErrorKind::NotFound) => format!("check that {} exists", path.display()),
+            (None, _) => "check the disk and the path, then run the command again".to_string(),
         };
         Error::Io { action, path: path.to_path_buf(), hint, source }
     }
 
     pub fn store(context: impl Into<String>, source: rusqlite::Error) -> Self {
-        let hint = if is_busy(&source) {
-            "another kitty-sync process holds the store for a long time; retry when it finishes"
+        let context = context.into();
+        if is_busy(&source) {
+            let hint = "another kitty-sync process holds the store for a long time; retry when it finishes";
+            return Error::Store { context, hint: hint.to_string(), source };
+        }
+        if let Some((condition, place)) = disk::store_condition(&source) {
+            let context = format!("{context} ({})", condition.label());
+            return Error::Store { context, hint: condition.hint(&place), source };
+        }
+        let hint = if is_corrupt(&source) {
+            disk::CORRUPT_HINT
         } else {
-            "run `kitty-sync status` to check the store; if it is damaged, restore event-sync/ from a backup"
+            "check the disk holding the kitty-sync home, then run the command again; \
+             `kitty-sync doctor` checks the store"
         };
-        Error::Store { context: context.into(), hint: hint.to_string(), source }
+        Error::Store { context, hint: hint.to_string(), source }
     }
 
     /// The one mapping of errors to the contract's exit classes.
@@ -146,6 +156,10 @@ impl Error {
             | Error::Internal { hint, .. } => hint,
         }
     }
+}
+
+fn is_corrupt(error: &rusqlite::Error) -> bool {
+    matches!(error.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
 }
 
 fn is_busy(error: &rusqlite::Error) -> bool {

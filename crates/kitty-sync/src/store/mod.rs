@@ -41,6 +41,7 @@ impl Store {
     pub fn open(home: &Home) -> Result<Store> {
         home.ensure_sync_dir()?;
         let path = home.store_path();
+        crate::error::disk::remember_store_dir(home.sync_dir().as_path());
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&path, e))?;
@@ -60,6 +61,7 @@ impl Store {
         if !path.exists() {
             return Ok(None);
         }
+        crate::error::disk::remember_store_dir(home.sync_dir().as_path());
         // With no frames in the WAL (no file, or an empty one after a checkpoint) `immutable`
         // reads the database without creating -wal/-shm: a read-only command creates no file
         // and works on a read-only home. With frames present, read through the WAL.
@@ -251,15 +253,19 @@ fn open_error(path: &Path, e: rusqlite::Error) -> Error {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt) => Error::StoreUnusable {
             message: format!("{} is damaged or not a database: {e}", path.display()),
-            hint: "restore event-sync/ from a backup, or move the file aside to start a new store".into(),
+            hint: crate::error::disk::CORRUPT_HINT.into(),
         },
         Some(rusqlite::ErrorCode::CannotOpen)
         | Some(rusqlite::ErrorCode::ReadOnly)
-        | Some(rusqlite::ErrorCode::PermissionDenied) => Error::Store {
-            context: format!("cannot open the store {}", path.display()),
-            hint: format!("check that {} and its directory are readable and writable", path.display()),
-            source: e,
-        },
+        | Some(rusqlite::ErrorCode::PermissionDenied)
+            if crate::error::disk::store_condition(&e).is_none() =>
+        {
+            Error::Store {
+                context: format!("cannot open the store {}", path.display()),
+                hint: format!("check that {} and its directory are readable and writable", path.display()),
+                source: e,
+            }
+        }
         _ => Error::store(format!("cannot open the store {}", path.display()), e),
     }
 }

@@ -79,6 +79,11 @@ impl Home {
         Home { dir: tempfile::tempdir().unwrap(), env: Vec::new() }
     }
 
+    /// A home inside `parent` (e.g. a small filesystem a test mounted).
+    pub fn new_in(parent: &Path) -> Home {
+        Home { dir: tempfile::tempdir_in(parent).unwrap(), env: Vec::new() }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
