@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::config::ServerConfig;
 use crate::routes::{self, AppState};
-use crate::store::ReceiverStore;
+use crate::store::AnyStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -39,13 +39,17 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn bind(addr: SocketAddr, config: ServerConfig, store: Arc<dyn ReceiverStore>) -> Result<Server, ServeError> {
+    pub fn bind(addr: SocketAddr, config: ServerConfig, store: impl Into<AnyStore>) -> Result<Server, ServeError> {
         let bind_error = |source| ServeError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
-        let state =
-            Arc::new(AppState { store, config, batches: AtomicU64::new(0), batch_slots: routes::batch_slots() });
+        let state = Arc::new(AppState {
+            store: store.into(),
+            config,
+            batches: AtomicU64::new(0),
+            batch_slots: routes::batch_slots(),
+        });
         Ok(Server { listener, addr, state })
     }
 
@@ -135,7 +139,7 @@ impl RunningServer {
     pub fn start(
         addr: SocketAddr,
         config: ServerConfig,
-        store: Arc<dyn ReceiverStore>,
+        store: impl Into<AnyStore>,
     ) -> Result<RunningServer, ServeError> {
         let server = Server::bind(addr, config, store)?;
         let addr = server.local_addr();
