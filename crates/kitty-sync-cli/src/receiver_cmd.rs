@@ -1,22 +1,23 @@
-//! `kitty-sync receiver serve|dump`: the built-in batch-protocol receiver and a read-only
-//! view of its database.
+//! `kitty-sync receiver serve|dump`: the built-in batch-protocol receiver (on SQLite or
+//! PostgreSQL) and a read-only view of its database.
 
 use std::io::{self, BufWriter, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use kitty_sync::Error;
 use kitty_sync_receiver::config::{DEFAULT_SHUTDOWN_GRACE, Deployment, Faults};
 use kitty_sync_receiver::{
-    BearerToken, ReceiverStore, ServeError, Server, ServerConfig, SqliteStore, StoreError, StoreStats,
+    AnyStore, BearerToken, PgStore, ServeError, Server, ServerConfig, SqliteStore, StoreError, StoreLocation,
+    StoreStats, StoredEvent,
 };
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ReceiverCommand {
-    /// Run the built-in receiver: a batch-protocol HTTP server that stores events in SQLite
+    /// Run the built-in receiver: a batch-protocol HTTP server that stores events in SQLite or
+    /// PostgreSQL
     Serve(Box<ServeArgs>),
     /// List what a receiver database holds (opened read-only; never created or changed)
     Dump(DumpArgs),
@@ -30,7 +31,39 @@ Endpoints:
                                stored events by seq; limit defaults to 100, at most 1000;
                                next_after is the last seq returned, or `after` when the page is empty
 With --token-env, batch and listing requests need `Authorization: Bearer <token>`; health stays open.
-The first stdout line is `listening on http://HOST:PORT`. SIGINT/SIGTERM stop it gracefully.";
+The first stdout line is `listening on http://HOST:PORT`. SIGINT/SIGTERM stop it gracefully.
+
+Stores (--store):
+  sqlite:PATH                  one file, one operator (the default: sqlite:./receiver.db; --db PATH is short for it)
+  postgres://USER[:PASSWORD]@HOST[:PORT]/DB   (postgresql:// too)
+                               any number of replicas may share one database: each event_id is stored once,
+                               the listing never skips, server_instance_id belongs to the database.
+                               PGPASSWORD is used when the URL has no password. No TLS: sslmode=disable or
+                               prefer (plain), require/verify-* are refused. Tables go into the first schema
+                               of search_path (add ?options=-csearch_path%3DNAME to choose one).";
+
+/// `--store` and its short form `--db`, shared by `serve` and `dump`.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// Where events are stored: sqlite:PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+    /// [default: sqlite:./receiver.db]
+    #[arg(long, value_name = "URL", conflicts_with = "db")]
+    pub store: Option<String>,
+    /// Short for --store sqlite:PATH
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn location(&self) -> Result<StoreLocation, Error> {
+        if let Some(db) = &self.db {
+            return Ok(StoreLocation::Sqlite(db.clone()));
+        }
+        let Some(text) = &self.store else { return Ok(StoreLocation::Sqlite(PathBuf::from("./receiver.db"))) };
+        let password = std::env::var("PGPASSWORD").ok();
+        StoreLocation::parse(text, password.as_deref()).map_err(|e| Error::usage(e.message, e.hint))
+    }
+}
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = SERVE_AFTER_HELP)]
@@ -38,9 +71,11 @@ pub struct ServeArgs {
     /// Address to listen on: HOST:PORT (port 0 picks a free port; ":PORT" means 127.0.0.1:PORT)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8787")]
     pub bind: String,
-    /// Receiver database; created when missing (its directory must exist)
-    #[arg(long, value_name = "PATH", default_value = "receiver.db")]
-    pub db: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// PostgreSQL connections this replica keeps at most
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub pg_pool: u16,
     /// Require a bearer token, read from this environment variable at startup
     #[arg(long, value_name = "VAR")]
     pub token_env: Option<String>,
@@ -81,9 +116,8 @@ pub struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DumpArgs {
-    /// Receiver database to read
-    #[arg(long, value_name = "PATH", default_value = "receiver.db")]
-    pub db: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 pub fn run(cmd: ReceiverCommand, json: bool) -> anyhow::Result<()> {
@@ -100,10 +134,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("warning: listening on {addr} without --token-env: anyone who can reach it can post events");
     }
     let config = server_config(&args, token);
-    let store = SqliteStore::open(&args.db).map_err(|e| store_error(e, &args.db))?;
-    let store: Arc<dyn ReceiverStore> = Arc::new(store);
+    let location = args.store.location()?;
+    let store = open_store(&location, args.pg_pool)?;
     let server = Server::bind(addr, config, store).map_err(serve_error)?;
-    match server.run_until_signal(announce) {
+    match server.run_until_signal(|addr| announce(addr, &location)) {
         Ok(()) => Ok(()),
         // The signal was honoured and the database closed; only stragglers were cut off.
         Err(ServeError::ShutdownTimedOut(grace)) => {
@@ -135,11 +169,22 @@ fn server_config(args: &ServeArgs, token: Option<BearerToken>) -> ServerConfig {
     }
 }
 
-/// The first stdout line, flushed at once: scripts and tests wait for it.
-fn announce(addr: SocketAddr) {
+/// Opens (creating or migrating when needed) the store `serve` writes to.
+fn open_store(location: &StoreLocation, pg_pool: u16) -> Result<AnyStore, Error> {
+    let opened = match location {
+        StoreLocation::Sqlite(path) => SqliteStore::open(path).map(AnyStore::from),
+        StoreLocation::Postgres(pg) => PgStore::open(pg, usize::from(pg_pool)).map(AnyStore::from),
+    };
+    opened.map_err(|e| store_error(e, location))
+}
+
+/// The first stdout line, flushed at once: scripts and tests wait for it. The store follows,
+/// its password (if any) shown as `***`.
+fn announce(addr: SocketAddr, location: &StoreLocation) {
     let mut stdout = io::stdout().lock();
     // A closed stdout must not stop the server.
     let _ = writeln!(stdout, "listening on http://{addr}");
+    let _ = writeln!(stdout, "store {location}");
     let _ = stdout.flush();
 }
 
@@ -201,8 +246,9 @@ fn parse_size(text: &str) -> Result<usize, String> {
     }
 }
 
-fn store_error(error: StoreError, db: &Path) -> Error {
+fn store_error(error: StoreError, location: &StoreLocation) -> Error {
     let message = error.to_string();
+    let retry = "check that the database is reachable and its disk has space, then try again";
     match error {
         StoreError::Missing { .. } => Error::usage(
             message,
@@ -215,20 +261,35 @@ fn store_error(error: StoreError, db: &Path) -> Error {
             message,
             "point --db at a receiver database or at a new file; the receiver never writes to other files",
         ),
-        StoreError::NewerSchema { .. } => Error::internal(
+        StoreError::NoSchema { .. } => Error::usage(
             message,
-            "use the kitty-sync version that created this database, or point --db at a new file",
+            "pass the --store URL the receiver was started with; `receiver serve --store URL` creates the schema",
         ),
+        StoreError::NewerSchema { .. } => Error::usage(
+            message,
+            "use the kitty-sync version that created this database (or a newer one), or point --store at another",
+        ),
+        StoreError::Unreachable { .. } => Error::internal(
+            message,
+            format!(
+                "check that PostgreSQL is running and accepts connections at {location}, and the user, password \
+                 (or PGPASSWORD) and database name"
+            ),
+        ),
+        StoreError::Busy { .. } if matches!(location, StoreLocation::Postgres(_)) => Error::internal(message, retry),
         StoreError::Busy { .. } => {
             Error::internal(message, "another process holds the receiver database locked; stop it or try again")
         }
-        StoreError::ReadOnly | StoreError::Backend { .. } => Error::internal(
-            message,
-            format!(
-                "check that {} is a readable, writable receiver database and that the disk has space",
-                db.display()
+        StoreError::ReadOnly | StoreError::Backend { .. } | StoreError::TooManyEvents { .. } => match location {
+            StoreLocation::Postgres(_) => Error::internal(message, retry),
+            StoreLocation::Sqlite(db) => Error::internal(
+                message,
+                format!(
+                    "check that {} is a readable, writable receiver database and that the disk has space",
+                    db.display()
+                ),
             ),
-        ),
+        },
     }
 }
 
@@ -256,18 +317,49 @@ fn serve_error(error: ServeError) -> Error {
     }
 }
 
+/// A store opened for reading, with a runtime to drive it from this synchronous command.
+struct DumpSource {
+    runtime: tokio::runtime::Runtime,
+    store: AnyStore,
+    instance_id: String,
+}
+
+impl DumpSource {
+    fn open(location: &StoreLocation) -> Result<DumpSource, StoreError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend { context: "cannot start the database runtime", source: Box::new(e) })?;
+        let store = match location {
+            StoreLocation::Sqlite(path) => AnyStore::from(SqliteStore::open_read_only(path)?),
+            StoreLocation::Postgres(pg) => AnyStore::from(runtime.block_on(PgStore::connect_read_only(pg))?),
+        };
+        let instance_id = runtime.block_on(store.server_instance_id())?;
+        Ok(DumpSource { runtime, store, instance_id })
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.runtime.block_on(self.store.stats())
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.runtime.block_on(self.store.events_after(after, limit))
+    }
+}
+
 fn dump(args: &DumpArgs, json: bool) -> anyhow::Result<()> {
-    let store = SqliteStore::open_read_only(&args.db).map_err(|e| store_error(e, &args.db))?;
-    let stats = store.stats().map_err(|e| store_error(e, &args.db))?;
+    let location = args.store.location()?;
+    let source = DumpSource::open(&location).map_err(|e| store_error(e, &location))?;
+    let stats = source.stats().map_err(|e| store_error(e, &location))?;
     let mut out = BufWriter::new(io::stdout().lock());
     let written =
-        if json { write_json(&store, &stats, &mut out) } else { write_human(&store, &stats, &args.db, &mut out) };
+        if json { write_json(&source, &stats, &mut out) } else { write_human(&source, &stats, &location, &mut out) };
     match written.and_then(|()| out.flush().map_err(DumpError::Io)) {
         Ok(()) => Ok(()),
         // `dump | head` is a normal way to look at a large database.
         Err(DumpError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         Err(DumpError::Io(e)) => Err(Error::io("write", Path::new("<stdout>"), e).into()),
-        Err(DumpError::Store(e)) => Err(store_error(e, &args.db).into()),
+        Err(DumpError::Store(e)) => Err(store_error(e, &location).into()),
     }
 }
 
@@ -285,13 +377,13 @@ impl From<io::Error> for DumpError {
 /// Pages through the events of the `stats` snapshot, so the list matches the counts even
 /// while a server is still writing.
 fn for_each_event(
-    store: &SqliteStore,
+    source: &DumpSource,
     stats: &StoreStats,
-    mut visit: impl FnMut(&kitty_sync_receiver::StoredEvent) -> Result<(), DumpError>,
+    mut visit: impl FnMut(&StoredEvent) -> Result<(), DumpError>,
 ) -> Result<(), DumpError> {
     let mut after = 0;
     while after < stats.last_seq {
-        let page = store.events_after(after, 1000).map_err(DumpError::Store)?;
+        let page = source.events_after(after, 1000).map_err(DumpError::Store)?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for event in page.iter().filter(|e| e.seq <= stats.last_seq) {
@@ -302,19 +394,19 @@ fn for_each_event(
 }
 
 /// One JSON document, streamed: a large database is never held in memory.
-fn write_json(store: &SqliteStore, stats: &StoreStats, out: &mut impl Write) -> Result<(), DumpError> {
+fn write_json(source: &DumpSource, stats: &StoreStats, out: &mut impl Write) -> Result<(), DumpError> {
     let by_status: serde_json::Map<String, serde_json::Value> =
         stats.batch_requests_by_status.iter().map(|(status, count)| (status.to_string(), (*count).into())).collect();
     write!(
         out,
         "{{\"server_instance_id\":{},\"event_count\":{},\"batch_requests\":{},\"batch_requests_by_status\":{},\"events\":[",
-        serde_json::Value::from(store.server_instance_id()),
+        serde_json::Value::from(source.instance_id.as_str()),
         stats.event_count,
         stats.batch_requests,
         serde_json::Value::Object(by_status),
     )?;
     let mut first = true;
-    for_each_event(store, stats, |event| {
+    for_each_event(source, stats, |event| {
         if !first {
             out.write_all(b",")?;
         }
@@ -326,10 +418,18 @@ fn write_json(store: &SqliteStore, stats: &StoreStats, out: &mut impl Write) -> 
     Ok(())
 }
 
-fn write_human(store: &SqliteStore, stats: &StoreStats, db: &Path, out: &mut impl Write) -> Result<(), DumpError> {
+fn write_human(
+    source: &DumpSource,
+    stats: &StoreStats,
+    location: &StoreLocation,
+    out: &mut impl Write,
+) -> Result<(), DumpError> {
     let by_status: Vec<String> = stats.batch_requests_by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-    writeln!(out, "receiver database  {}", db.display())?;
-    writeln!(out, "server instance    {}", store.server_instance_id())?;
+    match location {
+        StoreLocation::Sqlite(db) => writeln!(out, "receiver database  {}", db.display())?,
+        StoreLocation::Postgres(_) => writeln!(out, "receiver database  {location}")?,
+    }
+    writeln!(out, "server instance    {}", source.instance_id)?;
     writeln!(out, "events             {}", stats.event_count)?;
     if by_status.is_empty() {
         writeln!(out, "batch requests     0")?;
@@ -341,7 +441,7 @@ fn write_human(store: &SqliteStore, stats: &StoreStats, db: &Path, out: &mut imp
     }
     writeln!(out)?;
     writeln!(out, "{:>8}  {:<26}  {:<32}  RECEIVED AT", "SEQ", "EVENT ID", "EVENT TYPE")?;
-    for_each_event(store, stats, |e| {
+    for_each_event(source, stats, |e| {
         writeln!(out, "{:>8}  {:<26}  {:<32}  {}", e.seq, e.event_id, e.event_type, e.received_at)?;
         Ok(())
     })

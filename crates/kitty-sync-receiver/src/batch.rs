@@ -1,5 +1,5 @@
-//! The batch protocol without HTTP: parse `{"events":[...]}`, judge each event, store the
-//! valid ones in one store call, and build the per-event results in request order.
+//! The batch protocol without HTTP: parse `{"events":[...]}`, judge each event, and, once the
+//! store has taken the valid ones (in one call), build the per-event results in request order.
 
 use std::collections::BTreeSet;
 
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::store::{BatchRecord, Ingested, NewEvent, ReceiverStore, StoreError};
+use crate::store::{BatchRecord, EventRow, Ingested, StoreError};
 
 /// The per-event error of an event over `--max-event-bytes` in a batch of several.
 pub(crate) const OVERSIZED: &str = "oversized";
@@ -66,25 +66,37 @@ struct Top<'a> {
     events: &'a RawValue,
 }
 
-/// Runs one decoded batch body to completion: on `Ok`, the JSON of a 200 response whose
-/// events (and batch record) are already committed.
-pub(crate) fn run(
-    store: &dyn ReceiverStore,
-    rules: &Rules<'_>,
-    body: &[u8],
-    received_at: Timestamp,
-) -> Result<Vec<u8>, Failure> {
+/// A judged batch: what to store, and how to answer each event once it is stored.
+pub(crate) struct Judged {
+    pub record: BatchRecord,
+    /// The accepted events, in request order.
+    pub events: Vec<EventRow>,
+    answers: Vec<Answer>,
+}
+
+/// The answer to one event, owned so the body can be dropped before storing.
+enum Answer {
+    Accept { event_id: String },
+    Reject { event_id: Value, error: String },
+}
+
+/// Parses and judges one decoded batch body; nothing is stored yet.
+pub(crate) fn judge_body(rules: &Rules<'_>, body: &[u8], received_at: Timestamp) -> Result<Judged, Failure> {
     let events = parse_events(body)?;
     let event_count = u32::try_from(events.len()).unwrap_or(u32::MAX);
     let verdicts = judge(&events, rules).map_err(|mut failure| {
         failure.event_count = Some(event_count);
         failure
     })?;
-    let accepted: Vec<NewEvent<'_>> = verdicts
-        .iter()
-        .filter_map(|v| match v {
-            Verdict::Accept { event_id, event_type, envelope } => Some(NewEvent { event_id, event_type, envelope }),
-            Verdict::Reject { .. } => None,
+    let mut accepted = Vec::with_capacity(verdicts.len());
+    let answers = verdicts
+        .into_iter()
+        .map(|verdict| match verdict {
+            Verdict::Accept { event_id, event_type, envelope } => {
+                accepted.push(EventRow { event_id: event_id.clone(), event_type, envelope: envelope.to_string() });
+                Answer::Accept { event_id }
+            }
+            Verdict::Reject { event_id, error } => Answer::Reject { event_id, error },
         })
         .collect();
     let record = BatchRecord {
@@ -94,13 +106,18 @@ pub(crate) fn run(
         rejected: event_count - accepted.len() as u32,
         error: None,
     };
-    let ingested = store.ingest(&record, &accepted).map_err(|e| {
-        let mut failure = store_failure(&e);
-        failure.event_count = Some(event_count);
-        failure
-    })?;
-    let results = Results { results: merge(verdicts, ingested) };
+    Ok(Judged { record, events: accepted, answers })
+}
+
+/// The JSON of the 200 response, once the store has answered for the accepted events.
+pub(crate) fn respond(judged: Judged, ingested: Vec<Ingested>) -> Result<Vec<u8>, Failure> {
+    let results = Results { results: merge(judged.answers, ingested) };
     serde_json::to_vec(&results).map_err(|e| Failure::new(500, format!("cannot encode the response: {e}")))
+}
+
+/// The answer when storing a judged batch failed: nothing of it was committed.
+pub(crate) fn ingest_failure(judged: &Judged, error: &StoreError) -> Failure {
+    Failure { event_count: judged.record.event_count, ..store_failure(error) }
 }
 
 /// The 5xx answer for a storage error; nothing was committed.
@@ -114,6 +131,7 @@ pub(crate) fn store_failure(error: &StoreError) -> Failure {
             retry_after: true,
             ..Failure::new(503, format!("receiver database disk is full, retry later: {error}"))
         },
+        StoreError::TooManyEvents { .. } => Failure::new(413, format!("request body too large: {error}")),
         _ => Failure::new(500, format!("receiver storage failure: {error}")),
     }
 }
@@ -300,12 +318,12 @@ fn oversized<'a>(size: usize, max: usize, event_id: Value, alone: bool) -> Resul
     })
 }
 
-fn merge(verdicts: Vec<Verdict<'_>>, ingested: Vec<Ingested>) -> Vec<EventResult> {
+fn merge(answers: Vec<Answer>, ingested: Vec<Ingested>) -> Vec<EventResult> {
     let mut ingested = ingested.into_iter();
-    verdicts
+    answers
         .into_iter()
-        .map(|verdict| match verdict {
-            Verdict::Accept { event_id, .. } => {
+        .map(|answer| match answer {
+            Answer::Accept { event_id } => {
                 // The store answers once per accepted event; a short answer would be a store
                 // bug, reported as a rejection rather than a false success.
                 let (status, error) = match ingested.next() {
@@ -315,7 +333,7 @@ fn merge(verdicts: Vec<Verdict<'_>>, ingested: Vec<Ingested>) -> Vec<EventResult
                 };
                 EventResult { event_id: Value::String(event_id), status, error }
             }
-            Verdict::Reject { event_id, error } => EventResult { event_id, status: "rejected", error: Some(error) },
+            Answer::Reject { event_id, error } => EventResult { event_id, status: "rejected", error: Some(error) },
         })
         .collect()
 }

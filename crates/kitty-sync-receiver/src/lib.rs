@@ -16,8 +16,8 @@
 //!   `limit` defaults to [`DEFAULT_LIST_LIMIT`], capped at [`MAX_LIST_LIMIT`]); `next_after` is
 //!   the last `seq` returned, or `after` itself for an empty page.
 //!
-//! The HTTP layer ([`Server`], [`RunningServer`]) depends only on the [`ReceiverStore`] trait;
-//! [`SqliteStore`] is the embedded implementation. Every batch request is also recorded (time,
+//! The HTTP layer ([`Server`], [`RunningServer`]) depends only on [`AnyStore`]: the embedded
+//! [`SqliteStore`] (one operator) or [`PgStore`] (any number of replicas on one PostgreSQL). Every batch request is also recorded (time,
 //! status, counts) so tests can tell whether anything was posted at all.
 
 mod batch;
@@ -27,9 +27,15 @@ mod connections;
 mod routes;
 mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 
 pub use config::{BearerToken, ConnectionLimits, Deployment, Faults, ServerConfig};
 pub use routes::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
 pub use server::{RunningServer, ServeError, Server};
+pub use store::location::{LocationError, PgLocation, StoreLocation};
+pub use store::postgres::PgStore;
 pub use store::sqlite::SqliteStore;
-pub use store::{BatchRecord, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent};
+pub use store::{
+    AnyStore, BatchRecord, EventRow, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent,
+};

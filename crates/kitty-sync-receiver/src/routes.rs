@@ -23,14 +23,14 @@ use crate::batch::{self, Failure, Rules};
 use crate::body::{self, DecodeError, ReadError};
 use crate::config::ServerConfig;
 use crate::connections::Activity;
-use crate::store::{BatchRecord, ReceiverStore, StoredEvent};
+use crate::store::{AnyStore, BatchRecord, StoredEvent};
 
 /// `GET /api/v1/events/` page size when `limit` is absent, and the most it will return.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 pub const MAX_LIST_LIMIT: usize = 1000;
 
 pub(crate) struct AppState {
-    pub store: Arc<dyn ReceiverStore>,
+    pub store: AnyStore,
     pub config: ServerConfig,
     /// Batch requests seen after authentication, for `--fail-every`.
     pub batches: AtomicU64,
@@ -122,17 +122,25 @@ async fn accept_batch(
     }
     // Only fails once the semaphore is closed, which this server never does.
     let _slot = state.batch_slots.acquire().await.map_err(|_| busy("the receiver is shutting down"))?;
-    let state = Arc::clone(state);
+    let judging = Arc::clone(state);
+    // Decompressing and parsing are CPU work: off the async threads.
     let work = move || {
         let json = body::decode(encoding, collected.bytes, max_body).map_err(|e| match e {
             DecodeError::TooLarge => body_too_large(max_body),
             DecodeError::Malformed(text) => Failure::new(400, text),
         })?;
-        let rules =
-            Rules { max_event_bytes: state.config.max_event_bytes, reject_types: &state.config.faults.reject_types };
-        batch::run(state.store.as_ref(), &rules, &json, received_at)
+        let config = &judging.config;
+        let rules = Rules { max_event_bytes: config.max_event_bytes, reject_types: &config.faults.reject_types };
+        batch::judge_body(&rules, &json, received_at)
     };
-    tokio::task::spawn_blocking(work).await.map_err(|e| Failure::new(500, format!("batch processing failed: {e}")))?
+    let mut judged = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Failure::new(500, format!("batch processing failed: {e}")))??;
+    let events = std::mem::take(&mut judged.events);
+    match state.store.ingest(judged.record.clone(), events).await {
+        Ok(ingested) => batch::respond(judged, ingested),
+        Err(e) => Err(batch::ingest_failure(&judged, &e)),
+    }
 }
 
 fn busy(error: &str) -> Failure {
@@ -179,14 +187,10 @@ async fn record_failure(state: &Arc<AppState>, failure: &Failure, received_at: T
         rejected: 0,
         error: Some(failure.error.clone()),
     };
-    let store = Arc::clone(&state.store);
-    let result = tokio::task::spawn_blocking(move || store.record_request(&record)).await;
     // The answer to the client does not depend on the audit row; an operator should still
     // learn that the database refused a write.
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("kitty-sync receiver: cannot record a batch request: {e}"),
-        Err(e) => eprintln!("kitty-sync receiver: cannot record a batch request: {e}"),
+    if let Err(e) = state.store.record_request(record).await {
+        eprintln!("kitty-sync receiver: cannot record a batch request: {e}");
     }
 }
 
@@ -209,9 +213,13 @@ fn failure_response(failure: &Failure) -> Response {
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let deployment = &state.config.deployment;
+    let server_instance_id = match state.store.server_instance_id().await {
+        Ok(id) => id,
+        Err(e) => return failure_response(&batch::store_failure(&e)),
+    };
     let body = serde_json::json!({
         "status": "ok",
-        "server_instance_id": state.store.server_instance_id(),
+        "server_instance_id": server_instance_id,
         "deployment_id": deployment.deployment_id,
         "environment_name": deployment.environment_name,
         "git_sha": deployment.git_sha,
@@ -247,11 +255,9 @@ async fn list_events(
         Ok(page) => page,
         Err(error) => return failure_response(&Failure::new(400, error)),
     };
-    let store = Arc::clone(&state.store);
-    let events = match tokio::task::spawn_blocking(move || store.events_after(after, limit)).await {
-        Ok(Ok(events)) => events,
-        Ok(Err(e)) => return failure_response(&batch::store_failure(&e)),
-        Err(e) => return failure_response(&Failure::new(500, format!("listing failed: {e}"))),
+    let events = match state.store.events_after(after, limit).await {
+        Ok(events) => events,
+        Err(e) => return failure_response(&batch::store_failure(&e)),
     };
     let next_after = events.last().map_or(after, |e| e.seq);
     let listing = Listing { events: events.into_iter().map(listed).collect(), next_after };

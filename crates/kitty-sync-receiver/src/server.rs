@@ -20,7 +20,7 @@ use crate::body;
 use crate::config::{ConnectionLimits, ServerConfig};
 use crate::connections::{Admission, Registry, Ticket};
 use crate::routes::{self, AppState};
-use crate::store::ReceiverStore;
+use crate::store::AnyStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -47,14 +47,20 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn bind(addr: SocketAddr, config: ServerConfig, store: Arc<dyn ReceiverStore>) -> Result<Server, ServeError> {
+    pub fn bind(addr: SocketAddr, config: ServerConfig, store: impl Into<AnyStore>) -> Result<Server, ServeError> {
         let bind_error = |source| ServeError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let reading_budget = Arc::new(body::reading_budget(config.max_body_bytes));
         let batch_slots = routes::batch_slots();
-        let state = Arc::new(AppState { store, config, batches: AtomicU64::new(0), batch_slots, reading_budget });
+        let state = Arc::new(AppState {
+            store: store.into(),
+            config,
+            batches: AtomicU64::new(0),
+            batch_slots,
+            reading_budget,
+        });
         Ok(Server { listener, addr, state })
     }
 
@@ -260,7 +266,7 @@ impl RunningServer {
     pub fn start(
         addr: SocketAddr,
         config: ServerConfig,
-        store: Arc<dyn ReceiverStore>,
+        store: impl Into<AnyStore>,
     ) -> Result<RunningServer, ServeError> {
         let server = Server::bind(addr, config, store)?;
         let addr = server.local_addr();

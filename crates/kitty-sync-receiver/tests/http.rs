@@ -1,4 +1,5 @@
-//! The receiver as a peer sees it: a real server on 127.0.0.1:0, spoken to over HTTP.
+//! The receiver as a peer sees it: a real server on 127.0.0.1:0, spoken to over HTTP, once
+//! on SQLite and once on PostgreSQL (`both_stores!`).
 
 #[path = "http/abuse.rs"]
 mod abuse;
@@ -11,12 +12,31 @@ use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+both_stores!(
+    plain_and_gzip_batches_are_stored_byte_for_byte,
+    path_without_trailing_slash_and_gzip_without_header_are_accepted,
+    duplicates_within_a_batch_and_across_a_restart,
+    invalid_envelopes_are_rejected_in_request_order,
+    malformed_bodies_answer_400_and_store_nothing,
+    unsupported_encoding_unknown_path_and_wrong_method,
+    body_and_event_limits,
+    hundred_megabyte_bodies_are_refused_without_buffering,
+    ten_thousand_events_in_one_batch,
+    bearer_token_guards_batches_and_listing_but_not_health,
+    fault_injection_fails_every_nth_batch_and_rejects_types,
+    fail_status_is_configurable_and_delay_comes_after_the_commit,
+    health_identity_follows_the_database,
+    listing_pages_by_sequence,
+    concurrent_clients_sending_the_same_ids_get_one_success_each,
+    shutdown_lets_an_in_flight_batch_finish,
+    envelopes_nested_deeper_than_capture_allows_are_rejected,
+);
 use kitty_sync_receiver::{BearerToken, Deployment, Faults, ServerConfig};
 use serde_json::{Value, json};
 
-#[test]
-fn plain_and_gzip_batches_are_stored_byte_for_byte() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn plain_and_gzip_batches_are_stored_byte_for_byte(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let first = envelope(&ulid(1), "A");
     let second = envelope(&ulid(2), "B");
 
@@ -39,9 +59,8 @@ fn plain_and_gzip_batches_are_stored_byte_for_byte() {
     assert_eq!((stats.event_count, stats.batch_requests), (2, 2));
 }
 
-#[test]
-fn path_without_trailing_slash_and_gzip_without_header_are_accepted() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn path_without_trailing_slash_and_gzip_without_header_are_accepted(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let body = batch(&[envelope(&ulid(1), "A")]);
     let url = format!("{}/api/v1/events/batch", receiver.url());
     assert_eq!(post_json(&url, &body).statuses(), ["success"]);
@@ -49,9 +68,8 @@ fn path_without_trailing_slash_and_gzip_without_header_are_accepted() {
     assert_eq!(reply.statuses(), ["duplicate"]);
 }
 
-#[test]
-fn duplicates_within_a_batch_and_across_a_restart() {
-    let mut receiver = Receiver::start(ServerConfig::default());
+fn duplicates_within_a_batch_and_across_a_restart(backend: Backend) {
+    let mut receiver = Receiver::start(backend, ServerConfig::default());
     let (a, b, c) = (envelope(&ulid(1), "A"), envelope(&ulid(2), "A"), envelope(&ulid(3), "A"));
     let reply = post_gzip(&receiver.batch_url(), &batch(&[a.clone(), a.clone(), b.clone()]));
     assert_eq!(reply.statuses(), ["success", "duplicate", "success"]);
@@ -65,9 +83,8 @@ fn duplicates_within_a_batch_and_across_a_restart() {
     assert_eq!(receiver.stats().event_count, 3);
 }
 
-#[test]
-fn invalid_envelopes_are_rejected_in_request_order() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn invalid_envelopes_are_rejected_in_request_order(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let id = ulid(9);
     let body = format!(
         r#"{{"events": [5, {{"event_type": "A"}}, {{"event_id": "nope", "event_type": "A"}},
@@ -104,9 +121,8 @@ fn invalid_envelopes_are_rejected_in_request_order() {
     assert_eq!(stats.event_count, 1);
 }
 
-#[test]
-fn malformed_bodies_answer_400_and_store_nothing() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn malformed_bodies_answer_400_and_store_nothing(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let good = batch(&[envelope(&ulid(1), "A")]);
     let mut truncated = gzip(good.as_bytes());
     truncated.truncate(truncated.len() / 2);
@@ -138,9 +154,8 @@ fn malformed_bodies_answer_400_and_store_nothing() {
     assert_eq!(stats.batch_requests_by_status.get(&400), Some(&(cases.len() as u64)));
 }
 
-#[test]
-fn unsupported_encoding_unknown_path_and_wrong_method() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn unsupported_encoding_unknown_path_and_wrong_method(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let reply = post(&receiver.batch_url(), b"{}", &[("Content-Encoding", "br")]);
     assert_eq!(reply.status, 415);
     assert!(reply.json()["error"].as_str().unwrap().contains("\"br\""));
@@ -152,10 +167,9 @@ fn unsupported_encoding_unknown_path_and_wrong_method() {
     assert_eq!(receiver.stats().event_count, 0);
 }
 
-#[test]
-fn body_and_event_limits() {
+fn body_and_event_limits(backend: Backend) {
     let config = ServerConfig { max_body_bytes: 4000, max_event_bytes: 400, ..ServerConfig::default() };
-    let receiver = Receiver::start(config);
+    let receiver = Receiver::start(backend, config);
     let small = envelope(&ulid(1), "A");
     let big = format!(r#"{{"event_id": "{}", "event_type": "A", "pad": "{}"}}"#, ulid(2), "x".repeat(500));
 
@@ -190,9 +204,8 @@ fn body_and_event_limits() {
     assert_eq!(stats.batch_requests_by_status.get(&413), Some(&4));
 }
 
-#[test]
-fn hundred_megabyte_bodies_are_refused_without_buffering() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn hundred_megabyte_bodies_are_refused_without_buffering(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     const SIZE: u64 = 100 * 1024 * 1024;
 
     // Chunked, with no length announced.
@@ -227,9 +240,8 @@ fn hundred_megabyte_bodies_are_refused_without_buffering() {
     assert_eq!(receiver.stats().event_count, 0);
 }
 
-#[test]
-fn ten_thousand_events_in_one_batch() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn ten_thousand_events_in_one_batch(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let events: Vec<String> = (0..10_000).map(|n| envelope(&ulid(n), "A")).collect();
     let reply = post_gzip(&receiver.batch_url(), &batch(&events));
     assert_eq!(reply.status, 200);
@@ -240,10 +252,9 @@ fn ten_thousand_events_in_one_batch() {
     assert_eq!(receiver.stats().event_count, 10_000);
 }
 
-#[test]
-fn bearer_token_guards_batches_and_listing_but_not_health() {
+fn bearer_token_guards_batches_and_listing_but_not_health(backend: Backend) {
     let config = ServerConfig { token: Some(BearerToken::new("s3cret")), ..ServerConfig::default() };
-    let receiver = Receiver::start(config);
+    let receiver = Receiver::start(backend, config);
     let body = batch(&[envelope(&ulid(1), "A")]);
     for headers in [vec![], vec![("Authorization", "Bearer wrong")], vec![("Authorization", "Basic s3cret")]] {
         let reply = post(&receiver.batch_url(), body.as_bytes(), &headers);
@@ -262,14 +273,13 @@ fn bearer_token_guards_batches_and_listing_but_not_health() {
     assert_eq!(get(&format!("{}/api/v1/sync/health/", receiver.url()), &[]).status, 200);
 }
 
-#[test]
-fn fault_injection_fails_every_nth_batch_and_rejects_types() {
+fn fault_injection_fails_every_nth_batch_and_rejects_types(backend: Backend) {
     let faults = Faults {
         fail_every: NonZeroU64::new(2),
         reject_types: BTreeSet::from(["Blocked".to_string()]),
         ..Faults::default()
     };
-    let receiver = Receiver::start(ServerConfig { faults, ..ServerConfig::default() });
+    let receiver = Receiver::start(backend, ServerConfig { faults, ..ServerConfig::default() });
     let mut statuses = Vec::new();
     for n in 1..=4 {
         let reply = post_gzip(&receiver.batch_url(), &batch(&[envelope(&ulid(n), "A")]));
@@ -288,15 +298,14 @@ fn fault_injection_fails_every_nth_batch_and_rejects_types() {
     assert!(reply.json()["results"][0]["error"].as_str().unwrap().contains("--reject-type Blocked"));
 }
 
-#[test]
-fn fail_status_is_configurable_and_delay_comes_after_the_commit() {
+fn fail_status_is_configurable_and_delay_comes_after_the_commit(backend: Backend) {
     let faults = Faults { fail_every: NonZeroU64::new(1), fail_status: 500, ..Faults::default() };
-    let receiver = Receiver::start(ServerConfig { faults, ..ServerConfig::default() });
+    let receiver = Receiver::start(backend, ServerConfig { faults, ..ServerConfig::default() });
     let reply = post_gzip(&receiver.batch_url(), &batch(&[envelope(&ulid(1), "A")]));
     assert_eq!((reply.status, reply.header("retry-after")), (500, None));
 
     let faults = Faults { delay: Duration::from_millis(400), ..Faults::default() };
-    let receiver = Receiver::start(ServerConfig { faults, ..ServerConfig::default() });
+    let receiver = Receiver::start(backend, ServerConfig { faults, ..ServerConfig::default() });
     let short = ureq::Agent::config_builder().timeout_global(Some(Duration::from_millis(100))).build().new_agent();
     let timed_out = short.post(&receiver.batch_url()).send(batch(&[envelope(&ulid(1), "A")]));
     assert!(timed_out.is_err(), "the client should time out");
@@ -308,11 +317,10 @@ fn fail_status_is_configurable_and_delay_comes_after_the_commit() {
     assert_eq!(reply.statuses(), ["duplicate"]);
 }
 
-#[test]
-fn health_identity_follows_the_database() {
+fn health_identity_follows_the_database(backend: Backend) {
     let deployment =
         Deployment { deployment_id: Some("dep-1".into()), environment_name: Some("ci".into()), git_sha: None };
-    let mut receiver = Receiver::start(ServerConfig { deployment, ..ServerConfig::default() });
+    let mut receiver = Receiver::start(backend, ServerConfig { deployment, ..ServerConfig::default() });
     let health_url = |r: &Receiver| format!("{}/api/v1/sync/health/", r.url());
     let first = get(&health_url(&receiver), &[]).json();
     assert_eq!(first["status"], "ok");
@@ -330,15 +338,14 @@ fn health_identity_follows_the_database() {
     assert_eq!(same["deployment_id"], Value::Null);
 
     receiver.stop();
-    std::fs::remove_file(&receiver.db).unwrap();
+    receiver.place.wipe();
     receiver.restart(ServerConfig::default());
     let wiped = get(&health_url(&receiver), &[]).json();
     assert_ne!(wiped["server_instance_id"], id.as_str());
 }
 
-#[test]
-fn listing_pages_by_sequence() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn listing_pages_by_sequence(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let events: Vec<String> = (0..25).map(|n| envelope(&ulid(n), "A")).collect();
     assert_eq!(post_gzip(&receiver.batch_url(), &batch(&events)).status, 200);
     let mut after = 0;
@@ -371,9 +378,8 @@ fn listing_pages_by_sequence() {
     }
 }
 
-#[test]
-fn concurrent_clients_sending_the_same_ids_get_one_success_each() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn concurrent_clients_sending_the_same_ids_get_one_success_each(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let events: Vec<String> = (0..200).map(|n| envelope(&ulid(n), "A")).collect();
     let body = batch(&events);
     let url = receiver.batch_url();
@@ -390,10 +396,9 @@ fn concurrent_clients_sending_the_same_ids_get_one_success_each() {
     assert_eq!((stats.event_count, stats.batch_requests), (200, 6));
 }
 
-#[test]
-fn shutdown_lets_an_in_flight_batch_finish() {
+fn shutdown_lets_an_in_flight_batch_finish(backend: Backend) {
     let faults = Faults { delay: Duration::from_millis(500), ..Faults::default() };
-    let mut receiver = Receiver::start(ServerConfig { faults, ..ServerConfig::default() });
+    let mut receiver = Receiver::start(backend, ServerConfig { faults, ..ServerConfig::default() });
     let url = receiver.batch_url();
     let in_flight = std::thread::spawn(move || post_gzip(&url, &batch(&[envelope(&ulid(1), "A")])));
     // Committed, and now waiting out the delay: the answer is in flight.
@@ -402,7 +407,9 @@ fn shutdown_lets_an_in_flight_batch_finish() {
     let reply = in_flight.join().unwrap();
     assert_eq!(reply.statuses(), ["success"]);
     // The database was closed cleanly: no WAL left behind.
-    assert!(!receiver.db.with_extension("db-wal").exists());
+    if let Place::Sqlite(db) = &receiver.place {
+        assert!(!db.with_extension("db-wal").exists());
+    }
     assert_eq!(receiver.stats().event_count, 1);
 }
 
@@ -414,9 +421,8 @@ fn wait_for_events(receiver: &Receiver, count: u64) {
     }
 }
 
-#[test]
-fn envelopes_nested_deeper_than_capture_allows_are_rejected() {
-    let receiver = Receiver::start(ServerConfig::default());
+fn envelopes_nested_deeper_than_capture_allows_are_rejected(backend: Backend) {
+    let receiver = Receiver::start(backend, ServerConfig::default());
     let deep = |levels: usize, n: u32| {
         format!(
             r#"{{"event_id": "{}", "event_type": "Deep", "payload": {}{}}}"#,

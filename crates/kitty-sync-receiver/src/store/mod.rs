@@ -1,12 +1,14 @@
-//! Storage behind the receiver. The HTTP layer only sees [`ReceiverStore`], so another backend
-//! (PostgreSQL for a shared deployment) can be added without touching the routes.
-//!
-//! The trait is synchronous on purpose: the server calls it from `spawn_blocking`, which suits
-//! SQLite (a blocking library) and keeps the trait object-safe with no async-trait machinery;
-//! a networked backend can use a blocking client or a pool in the same way.
+//! Storage behind the receiver. The HTTP layer only sees [`AnyStore`]: either a blocking
+//! [`ReceiverStore`] (SQLite, called from `spawn_blocking`) or the asynchronous PostgreSQL
+//! store, awaited on the server's runtime like any other I/O.
 
+mod any;
 mod group;
+pub mod location;
+pub mod postgres;
 pub mod sqlite;
+
+pub use any::AnyStore;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,6 +24,30 @@ pub struct NewEvent<'a> {
     pub event_type: &'a str,
     /// The event exactly as it appeared in the request JSON.
     pub envelope: &'a str,
+}
+
+/// One valid event to store, owned: it outlives the request body it came from.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub event_id: String,
+    pub event_type: String,
+    pub envelope: String,
+}
+
+impl EventRow {
+    pub fn borrowed(&self) -> NewEvent<'_> {
+        NewEvent { event_id: &self.event_id, event_type: &self.event_type, envelope: &self.envelope }
+    }
+}
+
+impl From<&NewEvent<'_>> for EventRow {
+    fn from(event: &NewEvent<'_>) -> Self {
+        EventRow {
+            event_id: event.event_id.to_string(),
+            event_type: event.event_type.to_string(),
+            envelope: event.envelope.to_string(),
+        }
+    }
 }
 
 /// What storing one event did.
@@ -88,7 +114,7 @@ pub struct StoreStats {
     pub batch_requests_by_status: BTreeMap<u16, u64>,
 }
 
-/// A receiver's storage.
+/// A receiver's storage with a blocking interface (SQLite).
 pub trait ReceiverStore: Send + Sync + 'static {
     /// Random identity created with the database: a wiped store gets a new one.
     fn server_instance_id(&self) -> &str;
@@ -114,11 +140,20 @@ pub enum StoreError {
     MissingDirectory { dir: PathBuf },
     #[error("{} is not a kitty-sync receiver database", path.display())]
     NotAReceiverDatabase { path: PathBuf },
-    #[error(
-        "receiver database {} has schema version {found}; this build knows up to {known}",
-        path.display()
-    )]
-    NewerSchema { path: PathBuf, found: i64, known: i64 },
+    #[error("receiver database {database} has schema version {found}; this build knows up to {known}")]
+    NewerSchema { database: String, found: i64, known: i64 },
+    /// A database server that cannot be reached or refuses the connection at start.
+    #[error("cannot connect to {database}: {source}")]
+    Unreachable {
+        database: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A database without a receiver schema, opened for reading.
+    #[error("{database} holds no kitty-sync receiver schema")]
+    NoSchema { database: String },
+    #[error("{count} events in one batch; at most {max} can be stored at once")]
+    TooManyEvents { count: usize, max: usize },
     #[error("the receiver database was opened read-only")]
     ReadOnly,
     /// The backend is momentarily unavailable (e.g. locked by another process); retrying helps.

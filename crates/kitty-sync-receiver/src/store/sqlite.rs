@@ -9,7 +9,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::group::GroupCommit;
-use super::{BatchRecord, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent};
+use super::{BatchRecord, EventRow, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent};
 
 /// `PRAGMA application_id` of a receiver database ("ksrv"): tells it apart from any other
 /// SQLite file, the kitty-sync journal included, before anything is written to it.
@@ -160,7 +160,7 @@ impl ReceiverStore for SqliteStore {
         if self.writer.is_none() {
             return Err(StoreError::ReadOnly);
         }
-        let job = Job { record: record.clone(), events: events.iter().map(OwnedEvent::from).collect() };
+        let job = Job { record: record.clone(), events: events.iter().map(EventRow::from).collect() };
         self.group.submit(
             job,
             |jobs| self.commit_group(&jobs),
@@ -238,26 +238,10 @@ impl ReceiverStore for SqliteStore {
 /// A batch waiting for its group commit; owned, because another caller may commit it.
 struct Job {
     record: BatchRecord,
-    events: Vec<OwnedEvent>,
+    events: Vec<EventRow>,
 }
 
 type JobResult = Result<Vec<Ingested>, StoreError>;
-
-struct OwnedEvent {
-    event_id: String,
-    event_type: String,
-    envelope: String,
-}
-
-impl From<&NewEvent<'_>> for OwnedEvent {
-    fn from(event: &NewEvent<'_>) -> Self {
-        OwnedEvent {
-            event_id: event.event_id.to_string(),
-            event_type: event.event_type.to_string(),
-            envelope: event.envelope.to_string(),
-        }
-    }
-}
 
 fn ingest_in_savepoint(tx: &mut Transaction<'_>, job: &Job) -> JobResult {
     // Dropping an uncommitted savepoint rolls it back.
@@ -360,7 +344,11 @@ fn classify(conn: &Connection, path: &Path) -> Result<Layout, StoreError> {
         .map_err(backend("cannot read the database schema"))?;
     if application_id == APPLICATION_ID {
         if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema { path: path.to_path_buf(), found: version, known: SCHEMA_VERSION });
+            return Err(StoreError::NewerSchema {
+                database: path.display().to_string(),
+                found: version,
+                known: SCHEMA_VERSION,
+            });
         }
         Ok(Layout::Receiver)
     } else if application_id == 0 && objects == 0 {

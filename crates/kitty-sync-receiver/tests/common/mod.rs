@@ -10,21 +10,99 @@ use std::time::Duration;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStore, StoreStats};
+use kitty_sync_receiver::testing::PgScratch;
+use kitty_sync_receiver::{
+    AnyStore, PgLocation, PgStore, ReceiverStore, RunningServer, ServerConfig, SqliteStore, StoreStats,
+};
 use serde_json::Value;
+
+/// The store a test runs against. Every HTTP test runs once per store (see [`both_stores!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares each named test function `fn NAME(backend: Backend)` as two tests,
+/// `sqlite::NAME` and `postgres::NAME`. The PostgreSQL variant needs `KITTY_SYNC_TEST_PG_URL`
+/// (`scripts/pg-test-cluster`): without it, it fails under `CI=true` and skips loudly elsewhere.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Sqlite) } )*
+        }
+        mod postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if kitty_sync_receiver::testing::test_pg_url().is_some() {
+                        super::$name($crate::common::Backend::Postgres)
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// Where a test receiver keeps its events.
+pub enum Place {
+    Sqlite(PathBuf),
+    Postgres { scratch: PgScratch, location: PgLocation },
+}
+
+impl Place {
+    pub fn new(backend: Backend, dir: &Path) -> Place {
+        match backend {
+            Backend::Sqlite => Place::Sqlite(dir.join("r.db")),
+            Backend::Postgres => {
+                let scratch = PgScratch::new().expect("KITTY_SYNC_TEST_PG_URL is set");
+                let location = PgLocation::parse(&scratch.url(), None).unwrap();
+                Place::Postgres { scratch, location }
+            }
+        }
+    }
+
+    /// A new store on this place (creating it when needed), as the server holds it.
+    pub fn open(&self) -> AnyStore {
+        match self {
+            Place::Sqlite(db) => {
+                let store: Arc<dyn ReceiverStore> = Arc::new(SqliteStore::open(db).unwrap());
+                store.into()
+            }
+            Place::Postgres { location, .. } => PgStore::open(location, 8).unwrap().into(),
+        }
+    }
+
+    /// A read-only view, as `receiver dump` opens it.
+    pub fn open_read_only(&self) -> AnyStore {
+        match self {
+            Place::Sqlite(db) => SqliteStore::open_read_only(db).unwrap().into(),
+            Place::Postgres { location, .. } => PgStore::open_read_only(location).unwrap().into(),
+        }
+    }
+
+    /// Throws everything away: the file deleted, or the schema dropped and created empty.
+    pub fn wipe(&self) {
+        match self {
+            Place::Sqlite(db) => std::fs::remove_file(db).unwrap(),
+            Place::Postgres { scratch, .. } => scratch.wipe(),
+        }
+    }
+}
 
 pub struct Receiver {
     pub server: Option<RunningServer>,
-    pub db: PathBuf,
+    pub place: Place,
     pub dir: tempfile::TempDir,
 }
 
 impl Receiver {
-    pub fn start(config: ServerConfig) -> Receiver {
+    pub fn start(backend: Backend, config: ServerConfig) -> Receiver {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("r.db");
-        let server = Some(serve(&db, config));
-        Receiver { server, db, dir }
+        let place = Place::new(backend, dir.path());
+        let server = Some(serve(place.open(), config));
+        Receiver { server, place, dir }
     }
 
     pub fn url(&self) -> String {
@@ -42,7 +120,7 @@ impl Receiver {
     /// Stops the server (gracefully) and starts a new one on the same database.
     pub fn restart(&mut self, config: ServerConfig) {
         self.stop();
-        self.server = Some(serve(&self.db, config));
+        self.server = Some(serve(self.place.open(), config));
     }
 
     pub fn stop(&mut self) {
@@ -53,18 +131,22 @@ impl Receiver {
 
     /// What the database holds, read through a separate read-only store.
     pub fn stats(&self) -> StoreStats {
-        SqliteStore::open_read_only(&self.db).unwrap().stats().unwrap()
+        block_on(self.place.open_read_only().stats()).unwrap()
     }
 
     pub fn envelopes(&self) -> Vec<String> {
-        let store = SqliteStore::open_read_only(&self.db).unwrap();
-        store.events_after(0, 1_000_000).unwrap().into_iter().map(|e| e.envelope).collect()
+        let store = self.place.open_read_only();
+        block_on(store.events_after(0, 1_000_000)).unwrap().into_iter().map(|e| e.envelope).collect()
     }
 }
 
-pub fn serve(db: &Path, config: ServerConfig) -> RunningServer {
-    let store: Arc<dyn ReceiverStore> = Arc::new(SqliteStore::open(db).unwrap());
+pub fn serve(store: AnyStore, config: ServerConfig) -> RunningServer {
     RunningServer::start("127.0.0.1:0".parse().unwrap(), config, store).unwrap()
+}
+
+/// Runs one store call from a synchronous test.
+pub fn block_on<T>(work: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(work)
 }
 
 pub fn agent() -> ureq::Agent {

@@ -93,7 +93,7 @@ fn half_a_body(addr: SocketAddr) -> TcpStream {
 
 #[test]
 fn stalled_bodies_neither_hold_batch_slots_nor_linger() {
-    let receiver = Receiver::start(tight_limits(64));
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(64));
     // More stalled uploads than there are batch slots on any test machine.
     let mut stalled: Vec<TcpStream> = (0..16).map(|_| half_a_body(receiver.addr())).collect();
     let sent = keep_posting(&receiver, 1, Duration::from_millis(1500));
@@ -108,7 +108,7 @@ fn stalled_bodies_neither_hold_batch_slots_nor_linger() {
 
 #[test]
 fn a_body_trickling_forever_is_cut_off_by_the_minimum_rate() {
-    let receiver = Receiver::start(tight_limits(64));
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(64));
     let mut stream = connect(receiver.addr());
     let head = "POST /api/v1/events/batch/ HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
     stream.write_all(head.as_bytes()).unwrap();
@@ -137,7 +137,7 @@ fn a_body_trickling_forever_is_cut_off_by_the_minimum_rate() {
 #[test]
 fn an_endless_fast_body_is_refused_at_the_size_limit() {
     let config = ServerConfig { max_body_bytes: 64 * 1024, ..tight_limits(64) };
-    let receiver = Receiver::start(config);
+    let receiver = Receiver::start(Backend::Sqlite, config);
     let addr = receiver.addr();
     let writer = std::thread::spawn(move || {
         let mut stream = connect(addr);
@@ -158,7 +158,7 @@ fn an_endless_fast_body_is_refused_at_the_size_limit() {
 
 #[test]
 fn dribbled_headers_are_timed_out() {
-    let receiver = Receiver::start(tight_limits(64));
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(64));
     let mut stream = connect(receiver.addr());
     let started = Instant::now();
     let mut closed = false;
@@ -182,7 +182,7 @@ fn dribbled_headers_are_timed_out() {
 
 #[test]
 fn an_idle_keep_alive_connection_is_closed() {
-    let receiver = Receiver::start(tight_limits(64));
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(64));
     let mut stream = connect(receiver.addr());
     stream.write_all(b"GET /api/v1/sync/health/ HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
     let mut buf = [0u8; 4096];
@@ -214,7 +214,7 @@ fn flood(addr: SocketAddr, count: usize, stop: Arc<AtomicBool>) -> JoinHandle<us
 #[test]
 fn three_hundred_idle_connections_do_not_stop_honest_clients() {
     for max_connections in [64, ServerConfig::default().connections.max_connections] {
-        let receiver = Receiver::start(tight_limits(max_connections));
+        let receiver = Receiver::start(Backend::Sqlite, tight_limits(max_connections));
         let stop = Arc::new(AtomicBool::new(false));
         let flooder = flood(receiver.addr(), 300, Arc::clone(&stop));
         std::thread::sleep(Duration::from_millis(200));
@@ -226,7 +226,7 @@ fn three_hundred_idle_connections_do_not_stop_honest_clients() {
 
 #[test]
 fn a_full_server_of_stalled_uploads_still_takes_new_clients() {
-    let receiver = Receiver::start(tight_limits(8));
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(8));
     let stalled: Vec<TcpStream> = (0..8).map(|_| half_a_body(receiver.addr())).collect();
     std::thread::sleep(Duration::from_millis(100));
     // Each honest connection evicts the longest-stalled upload.
