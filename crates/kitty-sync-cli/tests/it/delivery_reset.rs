@@ -3,7 +3,6 @@
 //! by `status`), and `now --redrain` delivers every retained event again with the old
 //! attempts kept as history. After `gc`, `--redrain` reports what cannot be re-delivered.
 
-
 use crate::common;
 
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! deliver the same bytes again → re-run posts nothing; Teamspace against a built-in
 //! receiver; gates; non-delivering modes; `--report`, `--limit`, `--batch-events`; `demo`.
 
-
 use crate::common;
 
 use std::collections::BTreeMap;

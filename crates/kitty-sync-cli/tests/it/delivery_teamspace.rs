@@ -2,7 +2,6 @@
 //! one token refresh after a 401 (or before posting when the access token is expired), the
 //! credentials file rewritten atomically with mode 0600 and everything else kept.
 
-
 use crate::common;
 
 use std::os::unix::fs::PermissionsExt;

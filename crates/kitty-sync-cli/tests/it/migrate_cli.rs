@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 fn fixture_home_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/legacy-queues/public/home")
+    crate::common::shared_fixtures().join("legacy-queues/public/home")
 }
 
 fn copy_tree(from: &Path, to: &Path) {

@@ -1,6 +1,5 @@
 //! `kitty-sync receiver serve|dump` as a real process on 127.0.0.1:0.
 
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;

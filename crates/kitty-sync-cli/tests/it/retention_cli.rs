@@ -2,8 +2,6 @@
 //! real drains against real built-in receivers, archive round trip, store file size before and
 //! after gc, history kept, the lock, and insta snapshots of the JSON reports.
 
-
-
 use crate::status_support;
 
 use std::io::Read;

@@ -2,8 +2,6 @@
 //! real built-in receivers (child processes on 127.0.0.1:0), JSON numbers checked against what
 //! was done, read-only behaviour, `--check` exit codes, and insta snapshots of the reports.
 
-
-
 use crate::status_support;
 
 use serde_json::{Value, json};

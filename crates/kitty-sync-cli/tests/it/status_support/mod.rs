@@ -9,7 +9,6 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-
 use crate::common;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
