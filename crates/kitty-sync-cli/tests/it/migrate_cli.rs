@@ -91,7 +91,16 @@ fn migrate_json_on_the_public_fixture() {
     let doc = json_of(&out);
     assert_eq!(
         sorted(keys(&doc)),
-        sorted(vec!["dry_run", "sources", "ignored_files", "totals", "cleanup_blocked", "note"])
+        sorted(vec![
+            "dry_run",
+            "sources",
+            "ignored_files",
+            "totals",
+            "cleanup_blocked",
+            "note",
+            "id_mismatches",
+            "targets_created"
+        ])
     );
     assert_eq!(doc["dry_run"], false);
     assert_eq!(doc["cleanup_blocked"], true);
