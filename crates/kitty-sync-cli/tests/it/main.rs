@@ -18,6 +18,7 @@ mod emit_cli;
 mod errors_cli;
 mod inspect_cli;
 mod migrate_cli;
+mod migrate_python;
 mod receiver_cli;
 mod retention_cli;
 mod status_cli;
