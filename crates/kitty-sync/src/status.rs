@@ -212,7 +212,10 @@ fn fill_from_store(report: &mut StatusReport, store: &Store, current: &CurrentDe
     report.migration_conflicts = legacy::conflict_summary(store)?;
     let targets = target::list(store.conn())?;
     let current_identity = current.receiver.map(|r| r.identity().clone());
-    let current_record = current_identity.as_ref().and_then(|id| targets.iter().find(|t| t.identity == *id).cloned());
+    let current_record = match &current_identity {
+        Some(id) => target::find(store.conn(), id)?,
+        None => None,
+    };
     let team = current.receiver.and_then(|r| r.team());
     let mut previous = Vec::new();
     let mut current_undelivered = None;

@@ -21,8 +21,18 @@ const DIGEST_A: &str = "f7b048d5c00bc4e2";
 const DIGEST_B: &str = "3a02fa36bdf7144d";
 const DIGEST_C: &str = "adf30b8f7dd4874f";
 
+/// `shared/fixtures` beside the repository (`/work/shared` for `/work/main` and for a
+/// worktree under `/work/wt/NAME` alike): the first ancestor that has it.
+fn shared_fixtures() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|dir| dir.join("shared/fixtures"))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| here.join("../../../shared/fixtures"))
+}
+
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/legacy-queues/public")
+    shared_fixtures().join("legacy-queues/public")
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -286,10 +296,10 @@ fn public_fixture_matches_the_manifest() {
     assert_eq!(count(&home, "SELECT count(*) FROM events"), 95);
 
     // Scope status: A is the derived scope of alice/team-alpha.
-    assert_eq!(source(&report, "queue.db").scope_status, ScopeStatus::Legacy);
+    assert_eq!(source(&report, "queue.db").scope_status, Some(ScopeStatus::Legacy));
     assert_eq!(source(&report, "queue.db").digest, None);
-    assert_eq!(source(&report, DIGEST_A).scope_status, ScopeStatus::Known);
-    assert_eq!(source(&report, DIGEST_B).scope_status, ScopeStatus::Unknown);
+    assert_eq!(source(&report, DIGEST_A).scope_status, Some(ScopeStatus::Known));
+    assert_eq!(source(&report, DIGEST_B).scope_status, Some(ScopeStatus::Unknown));
 
     // Body-upload rows are counted, never imported.
     let body = &expected["body_upload_rows_expected_untouched"]["home/queues/queue-f7b048d5c00bc4e2.db"];
@@ -843,10 +853,10 @@ fn provenance_names_follow_the_scope() {
     assert_eq!(names, ["legacy:queue.db", "unknown:3a02fa36bdf7144d", "known:f7b048d5c00bc4e2"]);
     // Without a user nothing is known (the derived scope names no scoped queue).
     let anonymous = run(&home, &authority(None, None), true);
-    assert!(anonymous.sources.iter().all(|s| s.scope_status != ScopeStatus::Known));
+    assert!(anonymous.sources.iter().all(|s| s.scope_status != Some(ScopeStatus::Known)));
     // Another team of the same user: A is unknown then.
     let other = run(&home, &authority(Some("alice@example.com"), Some("team-beta")), true);
-    assert_eq!(source(&other, DIGEST_A).scope_status, ScopeStatus::Unknown);
+    assert_eq!(source(&other, DIGEST_A).scope_status, Some(ScopeStatus::Unknown));
 }
 
 // ---------------------------------------------------------------- resolving
@@ -1003,11 +1013,11 @@ fn status_views_on_the_fixture() {
     assert_eq!(before.body_upload.body_upload_queue_count, 3);
     assert_eq!(before.body_upload.body_upload_failure_log_count, 2);
     let a = before.files.iter().find(|f| f.digest.as_deref() == Some(DIGEST_A)).unwrap();
-    assert_eq!((a.scope_status, a.body_upload_count, a.event_count), (ScopeStatus::Known, 5, 20));
+    assert_eq!((a.scope_status, a.body_upload_count, a.event_count), (Some(ScopeStatus::Known), 5, 20));
     let json = serde_json::to_value(&before).unwrap();
     assert_eq!(json.as_object().unwrap().keys().collect::<Vec<_>>(), ["event_count", "files"]);
     let file_keys: Vec<&String> = json["files"][0].as_object().unwrap().keys().collect();
-    assert_eq!(file_keys, ["body_upload_count", "digest", "event_count", "migrated", "path", "scope_status"]);
+    assert_eq!(file_keys, ["body_upload_count", "digest", "event_count", "kind", "migrated", "path", "scope_status"]);
     assert!(!home.sync_dir().exists(), "read-only");
 
     run(&home, &alice(), false);

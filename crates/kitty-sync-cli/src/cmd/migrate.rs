@@ -9,7 +9,7 @@ use comfy_table::{CellAlignment, Table, presets};
 use kitty_sync::Error;
 use kitty_sync::home::Home;
 use kitty_sync::legacy::{
-    self, ConflictEntry, Keep, MigrateOptions, MigrateProgress, MigrationReport, Resolution, SourceReport,
+    self, ConflictEntry, Keep, MigrateOptions, MigrateProgress, MigrationReport, Resolution, SourceKind, SourceReport,
 };
 use kitty_sync::store::Store;
 use serde::Serialize;
@@ -125,18 +125,29 @@ fn print_report(report: &MigrationReport, home: &Home, printer: &Printer) {
         Path::new(path).strip_prefix(&root).map(|p| p.display().to_string()).unwrap_or_else(|_| path.to_string())
     };
     let dry = if report.dry_run { " (dry run: nothing was written)" } else { "" };
+    let (legacy, python): (Vec<&SourceReport>, Vec<&SourceReport>) =
+        report.sources.iter().partition(|s| s.kind == SourceKind::LegacyQueue);
     if report.sources.is_empty() {
         printer.line(format!(
             "No legacy spec-kitty queues in {} (looked for queue.db and queues/queue-<hex>.db); nothing to migrate{dry}.",
             root.display()
         ));
     } else {
-        printer.line(format!("Legacy queues in {}{dry}:", root.display()));
-        for line in source_table(&report.sources, &name).lines() {
-            printer.line(line.trim_end());
+        if !legacy.is_empty() {
+            printer.line(format!("Legacy queues in {}{dry}:", root.display()));
+            for line in source_table(&legacy, &name).lines() {
+                printer.line(line.trim_end());
+            }
+        }
+        if !python.is_empty() {
+            printer.line(format!("spec-kitty 3.2.4+ stores in {}{dry}:", root.display()));
+            for line in python_table(&python, &name).lines() {
+                printer.line(line.trim_end());
+            }
         }
         print_invalid_rows(&report.sources, &name, printer);
         print_totals(report, printer);
+        print_python_findings(report, printer);
     }
     for path in &report.ignored_files {
         printer.line(format!("Ignored (not a queue-<hex>.db name): {path}"));
@@ -151,20 +162,87 @@ fn print_report(report: &MigrationReport, home: &Home, printer: &Printer) {
     }
 }
 
-fn source_table(sources: &[SourceReport], name: &dyn Fn(&str) -> String) -> Table {
+fn result_text(s: &SourceReport) -> String {
+    match (&s.error, s.conflicts, s.invalid_rows) {
+        (Some(e), _, _) => format!("error: {e}"),
+        (None, 0, 0) if s.unchanged => "unchanged since the last import".to_string(),
+        (None, 0, 0) if s.resolved_conflicts > 0 => format!("ok ({} resolved conflict(s))", s.resolved_conflicts),
+        (None, 0, 0) => "ok".to_string(),
+        (None, _, _) => "blocked".to_string(),
+    }
+}
+
+fn python_table(sources: &[&SourceReport], name: &dyn Fn(&str) -> String) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(vec![
+        "SOURCE",
+        "KIND",
+        "ROWS",
+        "IMPORTED",
+        "DEDUPED",
+        "CONFLICTS",
+        "INVALID",
+        "LEDGER",
+        "HELD",
+        "RESULT",
+    ]);
+    for s in sources {
+        table.add_row(vec![
+            name(&s.path),
+            s.kind.as_str().to_string(),
+            s.rows_read.to_string(),
+            s.imported.to_string(),
+            s.deduped.to_string(),
+            s.conflicts.to_string(),
+            s.invalid_rows.to_string(),
+            s.ledger_rows.to_string(),
+            s.not_consented.to_string(),
+            result_text(s),
+        ]);
+    }
+    for index in 2..9 {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+fn print_python_findings(report: &MigrationReport, printer: &Printer) {
+    for t in &report.targets_created {
+        let user = if t.user_email.is_empty() { "any user".to_string() } else { t.user_email.clone() };
+        printer.line(format!(
+            "Created target {} for spec-kitty's {} (team {}, {user}).",
+            t.target_id,
+            t.canonical_url,
+            if t.team_slug.is_empty() { "none" } else { &t.team_slug }
+        ));
+    }
+    for m in &report.id_mismatches {
+        printer.line(format!(
+            "Row {} of {} holds event {}: journaled under the envelope's id.",
+            m.row_id, m.source, m.event_id
+        ));
+    }
+    if report.totals.not_consented > 0 {
+        printer.line(format!(
+            "{} event(s) captured before their project opted in are held (not_consented): they leave this machine \
+             only after `kitty-sync retry --not-consented [--project UUID]`.",
+            report.totals.not_consented
+        ));
+    }
+}
+
+fn source_table(sources: &[&SourceReport], name: &dyn Fn(&str) -> String) -> Table {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
     table.set_header(vec!["SOURCE", "SCOPE", "ROWS", "IMPORTED", "DEDUPED", "CONFLICTS", "INVALID", "BODY", "RESULT"]);
     for s in sources {
-        let result = match (&s.error, s.conflicts, s.invalid_rows) {
-            (Some(e), _, _) => format!("error: {e}"),
-            (None, 0, 0) if s.resolved_conflicts > 0 => format!("ok ({} resolved conflict(s))", s.resolved_conflicts),
-            (None, 0, 0) => "ok".to_string(),
-            (None, _, _) => "blocked".to_string(),
-        };
+        let result = result_text(s);
         table.add_row(vec![
             name(&s.path),
-            s.scope_status.as_str().to_string(),
+            s.scope_status.map_or("-", |scope| scope.as_str()).to_string(),
             s.rows_read.to_string(),
             s.imported.to_string(),
             s.deduped.to_string(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
-use kitty_sync::delivery::retry::{RetrySelection, requeue};
+use kitty_sync::delivery::retry::{RetrySelection, release_not_consented, requeue};
 use kitty_sync::delivery::target;
 use kitty_sync::store::Store;
 
@@ -24,13 +24,31 @@ pub struct RetryArgs {
     /// Also requeue rejected events
     #[arg(long)]
     rejected: bool,
+    /// Release events imported from spec-kitty 3.2.7 that were captured before their project
+    /// opted in (held as not_consented): from now on they are delivered to every target
+    #[arg(long)]
+    not_consented: bool,
+    /// With --not-consented: only the events of this project (its UUID)
+    #[arg(long, value_name = "UUID", requires = "not_consented")]
+    project: Option<String>,
 }
 
 pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
+    if args.not_consented && args.event_ids.is_empty() && !args.all_parked && !args.rejected {
+        return release(args.project.as_deref(), home_flag, printer);
+    }
     if args.event_ids.is_empty() && !args.all_parked && !args.rejected {
         return Err(Error::usage(
-            "nothing to retry: name events, or pass --all-parked and/or --rejected",
+            "nothing to retry: name events, or pass --all-parked, --rejected and/or --not-consented",
             "e.g. `kitty-sync retry --all-parked` or `kitty-sync retry 01K... --rejected`",
+        )
+        .into());
+    }
+    if args.not_consented {
+        return Err(Error::usage(
+            "--not-consented releases held events for every target; it cannot be combined with event ids, \
+             --all-parked or --rejected",
+            "run `kitty-sync retry --not-consented [--project UUID]` on its own",
         )
         .into());
     }
@@ -65,6 +83,28 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
             "Requeued {} event(s) for {}; run `kitty-sync now` to deliver them.",
             report.requeued.len(),
             record.identity.canonical_url
+        ));
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// `retry --not-consented [--project UUID]`: the operator's consent for events spec-kitty 3.2.7
+/// held back. Needs no delivering mode: it changes no target's ledger.
+fn release(project: Option<&str>, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
+    let home = kitty_sync::home::Home::resolve(home_flag)?;
+    if Store::open_read_only(&home)?.is_none() {
+        printer.line("Nothing to release: this home has no journal.");
+        return Ok(ExitStatus::Success);
+    }
+    let mut store = Store::open(&home)?;
+    let report = release_not_consented(&mut store, project)?;
+    if printer.json {
+        printer.json_doc(&report);
+    } else {
+        let scope = project.map(|p| format!(" of project {p}")).unwrap_or_default();
+        printer.line(format!(
+            "Released {} event(s){scope} captured before their project opted in; run `kitty-sync now` to deliver them.",
+            report.released.len()
         ));
     }
     Ok(ExitStatus::Success)

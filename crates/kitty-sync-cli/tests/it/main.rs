@@ -21,6 +21,7 @@ mod errors_cli;
 mod hardening_cli;
 mod inspect_cli;
 mod migrate_cli;
+mod migrate_python;
 mod receiver_cli;
 mod retention_cli;
 mod status_cli;

@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 fn fixture_home_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/legacy-queues/public/home")
+    crate::common::shared_fixtures().join("legacy-queues/public/home")
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -91,7 +91,16 @@ fn migrate_json_on_the_public_fixture() {
     let doc = json_of(&out);
     assert_eq!(
         sorted(keys(&doc)),
-        sorted(vec!["dry_run", "sources", "ignored_files", "totals", "cleanup_blocked", "note"])
+        sorted(vec![
+            "dry_run",
+            "sources",
+            "ignored_files",
+            "totals",
+            "cleanup_blocked",
+            "note",
+            "id_mismatches",
+            "targets_created"
+        ])
     );
     assert_eq!(doc["dry_run"], false);
     assert_eq!(doc["cleanup_blocked"], true);

@@ -110,3 +110,50 @@ pub fn requeue(
     tx.commit().ctx("cannot commit the retry")?;
     Ok(report)
 }
+
+/// What `retry --not-consented` released.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConsentRelease {
+    /// The project the release was limited to, if any.
+    pub project: Option<String>,
+    /// Events that may now be delivered to every target.
+    pub released: Vec<String>,
+}
+
+/// Releases events imported from spec-kitty 3.2.7 that were captured before their project
+/// opted in (`not_consented`, contract §12): every target may select them from now on. The
+/// operator's decision is recorded, so a later import of the same project store never holds
+/// them back again. `project` limits the release to events imported from that project's store.
+pub fn release_not_consented(store: &mut Store, project: Option<&str>) -> Result<ConsentRelease> {
+    let project = project.map(|p| p.trim().to_ascii_lowercase());
+    let tx = store.conn_mut().transaction().ctx("cannot start the release")?;
+    let released: Vec<(i64, String)> = {
+        let mut stmt = tx
+            .prepare(
+                "UPDATE events SET drain_blocked_reason = NULL
+                 WHERE drain_blocked_reason = 'not_consented'
+                   AND (?1 IS NULL OR seq IN (SELECT seq FROM migration_provenance WHERE lower(source) = 'project:' || ?1))
+                 RETURNING seq, event_id",
+            )
+            .ctx("cannot release the events")?;
+        stmt.query_map(params![project], |r| Ok((r.get(0)?, r.get(1)?)))
+            .ctx("cannot release the events")?
+            .collect::<std::result::Result<_, _>>()
+            .ctx("cannot release the events")?
+    };
+    let now = crate::clock::now_ms();
+    for (seq, _) in &released {
+        tx.execute("INSERT OR REPLACE INTO consent_releases (seq, released_at) VALUES (?1, ?2)", params![seq, now])
+            .ctx("cannot record the release")?;
+    }
+    // Drains may already have walked past these events: every target's settled mark must
+    // come back to the first one released.
+    if let Some(first) = released.iter().map(|(seq, _)| *seq).min() {
+        tx.execute("UPDATE targets SET due_from_seq = min(due_from_seq, ?1)", params![first])
+            .ctx("cannot update the targets' delivery positions")?;
+    }
+    tx.commit().ctx("cannot commit the release")?;
+    let mut released: Vec<(i64, String)> = released;
+    released.sort();
+    Ok(ConsentRelease { project, released: released.into_iter().map(|(_, id)| id).collect() })
+}

@@ -97,7 +97,25 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<TargetRecord> {
 }
 
 /// Registers the identity on first use (or touches `last_seen_at`) and returns the record.
+/// A Teamspace identity resolves like [`find`]: to the user-less target of the same server and
+/// team when that exists and the user has none of their own.
 pub fn register(conn: &Connection, identity: &TargetIdentity, now_ms: i64) -> Result<TargetRecord> {
+    match find(conn, identity)? {
+        Some(record) if record.identity != *identity => {
+            conn.execute(
+                "UPDATE targets SET last_seen_at = max(last_seen_at, ?2) WHERE id = ?1",
+                params![record.id, now_ms],
+            )
+            .ctx("cannot register the delivery target")?;
+            Ok(TargetRecord { last_seen_at: record.last_seen_at.max(now_ms), ..record })
+        }
+        _ => register_exact(conn, identity, now_ms).map(|(record, _)| record),
+    }
+}
+
+/// Registers exactly this identity (no fallback); also says whether it was created.
+pub fn register_exact(conn: &Connection, identity: &TargetIdentity, now_ms: i64) -> Result<(TargetRecord, bool)> {
+    let existed = find_exact(conn, identity)?.is_some();
     conn.execute(
         "INSERT INTO targets (target_id, kind, canonical_url, team_slug, user_email, first_seen_at, last_seen_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
@@ -112,11 +130,29 @@ pub fn register(conn: &Connection, identity: &TargetIdentity, now_ms: i64) -> Re
         ],
     )
     .ctx("cannot register the delivery target")?;
-    find(conn, identity)?.ok_or_else(|| crate::Error::internal("target vanished after registration", "run again"))
+    let record = find_exact(conn, identity)?
+        .ok_or_else(|| crate::Error::internal("target vanished after registration", "run again"))?;
+    Ok((record, !existed))
 }
 
 /// The stored record for an identity, if it was ever registered (read-only).
+///
+/// spec-kitty 3.2.4 recorded its Teamspace targets without a user (contract §12): a Teamspace
+/// identity with a user that has no target of its own is that user-less target of the same
+/// server and team, so logging in never re-sends what Python delivered.
 pub fn find(conn: &Connection, identity: &TargetIdentity) -> Result<Option<TargetRecord>> {
+    if let Some(record) = find_exact(conn, identity)? {
+        return Ok(Some(record));
+    }
+    if identity.kind != TargetKind::Teamspace || identity.user_email.is_empty() {
+        return Ok(None);
+    }
+    let userless = TargetIdentity { user_email: String::new(), ..identity.clone() };
+    Ok(find_exact(conn, &userless)?.filter(|r| r.identity.kind == TargetKind::Teamspace))
+}
+
+/// The stored record for exactly this identity.
+pub fn find_exact(conn: &Connection, identity: &TargetIdentity) -> Result<Option<TargetRecord>> {
     conn.query_row(
         &format!(
             "SELECT {TARGET_COLUMNS} FROM targets WHERE canonical_url = ?1 AND team_slug = ?2 AND user_email = ?3"

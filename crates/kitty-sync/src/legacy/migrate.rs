@@ -13,9 +13,11 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::source::{self, Discovery, OpenSource, RawRow, ReadStop, ScopeStatus, SourceFile};
+use super::python::{self, LedgerRow, NOT_CONSENTED, PyRow, RawEvent};
+use super::source::{self, Discovery, Opened, RawRow, ReadStop, ScopeStatus, SourceFile, SourceKind};
 use crate::authority::TargetAuthority;
 use crate::canonical_json::Json;
+use crate::delivery::target::{self, TargetIdentity};
 use crate::envelope::{canonical_bytes, is_valid_ulid};
 use crate::error::{Error, Result, StoreContext};
 use crate::event_journal::{Inserted, Row, begin, insert_row, tick_lamport};
@@ -57,17 +59,53 @@ pub struct MigrationReport {
     /// source errors or invalid rows.
     pub cleanup_blocked: bool,
     pub note: &'static str,
+    /// Python journal rows whose key differs from their envelope's `event_id`: journaled under
+    /// the envelope's id (contract §12).
+    pub id_mismatches: Vec<IdMismatch>,
+    /// kitty-sync targets this run created for Python targets (a dry run: would create).
+    pub targets_created: Vec<CreatedTarget>,
     /// Unresolved conflicts in the journal after this run (earlier runs' included).
     #[serde(skip)]
     pub unresolved_conflicts: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IdMismatch {
+    /// The Python row's key.
+    pub row_id: String,
+    /// The envelope's id, under which the event is journaled.
+    pub event_id: String,
+    /// Provenance name of the source (`journal:<file name>`, `project:<uuid>`).
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreatedTarget {
+    pub target_id: String,
+    pub canonical_url: String,
+    pub team_slug: String,
+    pub user_email: String,
+}
+
+impl CreatedTarget {
+    fn of(identity: &TargetIdentity) -> CreatedTarget {
+        CreatedTarget {
+            target_id: identity.target_id(),
+            canonical_url: identity.canonical_url.clone(),
+            team_slug: identity.team_slug.clone(),
+            user_email: identity.user_email.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceReport {
     pub path: String,
-    /// Hex digest of a scoped queue; null for `queue.db`.
+    pub kind: SourceKind,
+    /// Hex digest of a scoped queue; null for `queue.db` and the Python stores.
     pub digest: Option<String>,
-    pub scope_status: ScopeStatus,
+    /// Null for the Python stores (they have no scope digest).
+    pub scope_status: Option<ScopeStatus>,
     pub rows_read: u64,
     pub imported: u64,
     pub deduped: u64,
@@ -84,6 +122,17 @@ pub struct SourceReport {
     pub invalid_rows: u64,
     /// The first [`MAX_LISTED_INVALID_ROWS`] invalid rows with their reason.
     pub invalid: Vec<InvalidRow>,
+    /// Python delivery-state rows read (3.2.4 ledger rows, 3.2.7 delivery attempts).
+    pub ledger_rows: u64,
+    /// Ledger rows naming an event or target no readable source holds (not applied).
+    pub ledger_unmatched: u64,
+    /// Events read that Python held for lack of project consent (imported `not_consented`).
+    pub not_consented: u64,
+    /// Python targets this source names.
+    pub targets: u64,
+    /// A Python store unchanged since its last import: not read again; its counts are those
+    /// of that import (everything in it is already journaled).
+    pub unchanged: bool,
     /// The provenance name (`known:<digest>`, `unknown:<digest>`, `legacy:queue.db`).
     #[serde(skip)]
     pub source: String,
@@ -91,7 +140,7 @@ pub struct SourceReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InvalidRow {
-    /// The legacy row's `id`.
+    /// The source row's `id` (rowid for the Python stores).
     pub row_id: i64,
     pub event_id: Option<String>,
     pub reason: String,
@@ -108,17 +157,22 @@ pub struct Totals {
     pub body_upload_rows: u64,
     pub resolved_conflicts: u64,
     pub invalid_rows: u64,
+    pub ledger_rows: u64,
+    /// Distinct Python targets over all sources.
+    pub targets: u64,
+    pub not_consented: u64,
 }
 
 impl SourceReport {
     fn new(file: &SourceFile, authority: &TargetAuthority) -> SourceReport {
-        SourceReport::blank(file, file.scope_status(authority), file.provenance(authority))
+        SourceReport::blank(file, file.scope(authority), file.provenance(authority))
     }
 
-    fn blank(file: &SourceFile, scope_status: ScopeStatus, source: String) -> SourceReport {
+    fn blank(file: &SourceFile, scope_status: Option<ScopeStatus>, source: String) -> SourceReport {
         SourceReport {
             path: file.display_path(),
-            digest: file.digest.clone(),
+            kind: file.kind,
+            digest: if file.kind == SourceKind::ProjectStore { None } else { file.digest.clone() },
             scope_status,
             rows_read: 0,
             imported: 0,
@@ -129,6 +183,11 @@ impl SourceReport {
             resolved_conflicts: 0,
             invalid_rows: 0,
             invalid: Vec::new(),
+            ledger_rows: 0,
+            ledger_unmatched: 0,
+            not_consented: 0,
+            targets: 0,
+            unchanged: false,
             source,
         }
     }
@@ -142,7 +201,39 @@ impl SourceReport {
         self.resolved_conflicts = 0;
         self.invalid_rows = 0;
         self.invalid.clear();
+        self.ledger_rows = 0;
+        self.ledger_unmatched = 0;
+        self.not_consented = 0;
         self.error = Some(reason);
+        self
+    }
+
+    /// Whether a later run may skip this source while its files stay unchanged: everything
+    /// in it was applied (no conflict, invalid row or unmatched ledger row to look at again).
+    fn clean(&self) -> bool {
+        self.error.is_none() && self.conflicts == 0 && self.invalid_rows == 0 && self.ledger_unmatched == 0
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            rows_read: self.rows_read,
+            ledger_rows: self.ledger_rows,
+            not_consented: self.not_consented,
+            targets: self.targets,
+            resolved_conflicts: self.resolved_conflicts,
+            clean: self.clean(),
+            target_ids: Vec::new(),
+        }
+    }
+
+    fn unchanged(mut self, summary: &Summary) -> SourceReport {
+        self.rows_read = summary.rows_read;
+        self.deduped = summary.rows_read.saturating_sub(summary.resolved_conflicts);
+        self.resolved_conflicts = summary.resolved_conflicts;
+        self.ledger_rows = summary.ledger_rows;
+        self.not_consented = summary.not_consented;
+        self.targets = summary.targets;
+        self.unchanged = true;
         self
     }
 
@@ -160,7 +251,8 @@ impl MigrationReport {
         self.cleanup_blocked
     }
 
-    fn finish(dry_run: bool, sources: Vec<SourceReport>, discovery: &Discovery, unresolved_conflicts: u64) -> Self {
+    fn finish(dry_run: bool, sources: Vec<SourceReport>, discovery: &Discovery, python: PythonOutcome) -> Self {
+        let PythonOutcome { unresolved_conflicts, id_mismatches, targets_created, distinct_targets } = python;
         let mut totals = Totals { sources: sources.len() as u64, ..Totals::default() };
         for s in &sources {
             totals.rows_read += s.rows_read;
@@ -171,7 +263,10 @@ impl MigrationReport {
             totals.body_upload_rows += s.body_upload_rows;
             totals.resolved_conflicts += s.resolved_conflicts;
             totals.invalid_rows += s.invalid_rows;
+            totals.ledger_rows += s.ledger_rows;
+            totals.not_consented += s.not_consented;
         }
+        totals.targets = distinct_targets;
         let cleanup_blocked =
             unresolved_conflicts > 0 || totals.conflicts > 0 || totals.source_errors > 0 || totals.invalid_rows > 0;
         MigrationReport {
@@ -181,13 +276,16 @@ impl MigrationReport {
             totals,
             cleanup_blocked,
             note: NOTE,
+            id_mismatches,
+            targets_created,
             unresolved_conflicts,
         }
     }
 }
 
-/// Migrates every legacy queue of `home` into its journal (or, with `dry_run`, reports what
-/// that would do). Source problems are reported per source; only store failures are errors.
+/// Migrates every legacy queue and Python store of `home` into its journal (or, with
+/// `dry_run`, reports what that would do). Source problems are reported per source; only
+/// store failures are errors.
 pub fn migrate(
     home: &Home,
     authority: &TargetAuthority,
@@ -195,15 +293,11 @@ pub fn migrate(
     progress: &mut dyn FnMut(MigrateProgress),
 ) -> Result<MigrationReport> {
     let discovery = source::discover(home);
-    let mut probes: Vec<Probe> = discovery
-        .sources
-        .iter()
-        .map(|file| Probe {
-            report: SourceReport::new(file, authority),
-            file: file.clone(),
-            opened: source::open(&file.path),
-        })
-        .collect();
+    let records = {
+        let store = Store::open_read_only(home)?;
+        store.as_ref().map(Records::load).transpose()?.unwrap_or_default()
+    };
+    let mut probes: Vec<Probe> = discovery.sources.iter().map(|file| Probe::of(file, authority, &records)).collect();
     if let Some((dir, reason)) = &discovery.dir_error {
         probes.push(Probe::unlistable(dir, reason));
     }
@@ -211,30 +305,159 @@ pub fn migrate(
         progress,
         state: MigrateProgress {
             rows_done: 0,
-            rows_total: probes.iter().filter_map(|p| p.opened.as_ref().ok()).map(|o| o.queue_rows).sum(),
+            rows_total: probes
+                .iter()
+                .filter_map(|p| match &p.input {
+                    Input::Open(o) => Some(o.rows()),
+                    _ => None,
+                })
+                .sum(),
         },
     };
     let report = if options.dry_run {
-        run_dry(home, probes, &discovery, &mut ticker)?
+        run_dry(home, probes, &discovery, &records, &mut ticker)?
     } else {
-        run_real(home, probes, &discovery, &mut ticker)?
+        run_real(home, probes, &discovery, &records, &mut ticker)?
     };
     (ticker.progress)(ticker.state);
     Ok(report)
 }
 
+/// What earlier runs recorded about the Python stores: fingerprint and counts per source,
+/// and the id mismatches found in each.
+#[derive(Default)]
+struct Records {
+    sources: HashMap<String, (Option<String>, Option<Summary>)>,
+    aliases: HashMap<String, Vec<IdMismatch>>,
+}
+
+impl Records {
+    fn load(store: &Store) -> Result<Records> {
+        let conn = store.conn();
+        let mut records = Records::default();
+        let mut stmt = conn
+            .prepare("SELECT path, fingerprint, summary FROM migrated_sources WHERE kind <> 'legacy_queue'")
+            .ctx("cannot read the migrated sources")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<String>>(2)?))
+            })
+            .ctx("cannot read the migrated sources")?;
+        for row in rows {
+            let (path, fingerprint, summary) = row.ctx("cannot read the migrated sources")?;
+            let summary = summary.and_then(|s| serde_json::from_str::<Summary>(&s).ok());
+            records.sources.insert(path, (fingerprint, summary));
+        }
+        let mut stmt = conn
+            .prepare(
+                "SELECT a.alias, e.event_id, a.source FROM migration_aliases a JOIN events e ON e.seq = a.seq
+                 ORDER BY a.source, e.seq",
+            )
+            .ctx("cannot read the id mismatches")?;
+        let rows = stmt
+            .query_map([], |r| Ok(IdMismatch { row_id: r.get(0)?, event_id: r.get(1)?, source: r.get(2)? }))
+            .ctx("cannot read the id mismatches")?;
+        for row in rows {
+            let m = row.ctx("cannot read the id mismatches")?;
+            records.aliases.entry(m.source.clone()).or_default().push(m);
+        }
+        Ok(records)
+    }
+
+    /// The recorded import of an unchanged, cleanly imported Python store.
+    fn unchanged(&self, file: &SourceFile, fingerprint: &str) -> Option<&Summary> {
+        match self.sources.get(&file.relative) {
+            Some((Some(seen), Some(summary))) if seen == fingerprint && summary.clean => Some(summary),
+            _ => None,
+        }
+    }
+}
+
+/// The counts of one Python store's import, kept in `migrated_sources.summary`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct Summary {
+    rows_read: u64,
+    ledger_rows: u64,
+    not_consented: u64,
+    targets: u64,
+    resolved_conflicts: u64,
+    clean: bool,
+    #[serde(default)]
+    target_ids: Vec<String>,
+}
+
+/// What a run found beyond the per-source counts.
+#[derive(Default)]
+struct PythonOutcome {
+    unresolved_conflicts: u64,
+    id_mismatches: Vec<IdMismatch>,
+    targets_created: Vec<CreatedTarget>,
+    distinct_targets: u64,
+}
+
+impl PythonOutcome {
+    fn collect(reports: &[SourceReport], records: &Records, run: RunFindings, unresolved_conflicts: u64) -> Self {
+        let mut id_mismatches = Vec::new();
+        let mut target_ids: HashSet<String> = run.target_ids;
+        for report in reports.iter().filter(|r| r.unchanged) {
+            id_mismatches.extend(records.aliases.get(&report.source).cloned().unwrap_or_default());
+        }
+        for summary in run.unchanged_summaries {
+            target_ids.extend(summary.target_ids);
+        }
+        id_mismatches.extend(run.id_mismatches);
+        PythonOutcome {
+            unresolved_conflicts,
+            id_mismatches,
+            targets_created: run.targets_created,
+            distinct_targets: target_ids.len() as u64,
+        }
+    }
+}
+
+/// Python facts one run gathered while importing.
+#[derive(Default)]
+struct RunFindings {
+    id_mismatches: Vec<IdMismatch>,
+    targets_created: Vec<CreatedTarget>,
+    target_ids: HashSet<String>,
+    unchanged_summaries: Vec<Summary>,
+}
+
+enum Input {
+    Open(Opened),
+    /// A Python store unchanged since a clean import: nothing to read.
+    Unchanged(Summary),
+    Failed(String),
+}
+
 struct Probe {
     file: SourceFile,
-    opened: std::result::Result<OpenSource, String>,
+    input: Input,
+    /// Python stores: the files' fingerprint now (recorded after the import).
+    fingerprint: Option<String>,
     report: SourceReport,
 }
 
 impl Probe {
+    fn of(file: &SourceFile, authority: &TargetAuthority, records: &Records) -> Probe {
+        let report = SourceReport::new(file, authority);
+        let fingerprint = file.kind.is_python().then(|| python::fingerprint(file));
+        let input = match fingerprint.as_deref().and_then(|f| records.unchanged(file, f)) {
+            Some(summary) => Input::Unchanged(summary.clone()),
+            None => match source::open(file) {
+                Ok(opened) => Input::Open(opened),
+                Err(reason) => Input::Failed(reason),
+            },
+        };
+        Probe { file: file.clone(), input, fingerprint, report }
+    }
+
     /// `queues/` could not be listed: reported like a source that cannot be read.
     fn unlistable(dir: &std::path::Path, reason: &str) -> Probe {
-        let file = SourceFile { path: dir.to_path_buf(), relative: source::QUEUES_DIR.to_string(), digest: None };
-        let report = SourceReport::blank(&file, ScopeStatus::Unknown, String::new());
-        Probe { file, opened: Err(reason.to_string()), report }
+        let file = SourceFile::legacy(dir.to_path_buf(), source::QUEUES_DIR.to_string(), None);
+        let report = SourceReport::blank(&file, Some(ScopeStatus::Unknown), String::new());
+        Probe { file, input: Input::Failed(reason.to_string()), fingerprint: None, report }
     }
 }
 
@@ -256,9 +479,10 @@ fn run_real(
     home: &Home,
     probes: Vec<Probe>,
     discovery: &Discovery,
+    records: &Records,
     ticker: &mut Ticker<'_>,
 ) -> Result<MigrationReport> {
-    let readable = probes.iter().any(|p| p.opened.is_ok());
+    let readable = probes.iter().any(|p| matches!(p.input, Input::Open(_)));
     // Nothing to import: do not create a store just to say so.
     let mut store = if readable { Some(Store::open(home)?) } else { Store::open_read_only(home)? };
     if let Some(store) = &store {
@@ -268,13 +492,19 @@ fn run_real(
         store.conn().pragma_update(None, "cache_size", MIGRATION_CACHE_KIB).ctx("cannot size the page cache")?;
     }
     let now = crate::clock::now_ms();
+    let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { file, opened, mut report } = probe;
-        let opened = match opened {
-            Ok(opened) => opened,
-            Err(reason) => {
+        let Probe { file, input, fingerprint, mut report } = probe;
+        let opened = match input {
+            Input::Open(opened) => opened,
+            Input::Failed(reason) => {
                 reports.push(report.failed(reason));
+                continue;
+            }
+            Input::Unchanged(summary) => {
+                reports.push(report.unchanged(&summary));
+                findings.unchanged_summaries.push(summary);
                 continue;
             }
         };
@@ -283,12 +513,17 @@ fn run_real(
             return Err(Error::internal("the store was not opened", "run the command again"));
         };
         let tx = begin(store)?;
-        let mut sink = TxSink { tx: &tx, now, imported_lamport: None };
-        match import_source(&mut sink, opened, &mut report, ticker) {
+        let mut sink = TxSink::new(&tx, now);
+        let mut found = SourceFindings::default();
+        sink.begin_targets(python_targets(&opened), &mut found)?;
+        match import_source(&mut sink, opened, &mut report, &mut found, ticker) {
             Ok(()) => {
+                sink.finish()?;
                 let imported_lamport = sink.imported_lamport;
-                finish_source(&tx, &file, &report, now, imported_lamport)?;
+                report.targets = found.target_ids.len() as u64;
+                finish_source(&tx, &file, &report, now, imported_lamport, fingerprint.as_deref(), &found)?;
                 tx.commit().ctx("cannot commit the migrated source")?;
+                found.merge_into(&mut findings);
             }
             // The transaction rolls back on drop: nothing from a failed source is kept.
             Err(ReadStop::Source(reason)) => report = report.failed(reason),
@@ -300,30 +535,71 @@ fn run_real(
         Some(store) => unresolved_conflicts(store)?,
         None => 0,
     };
-    Ok(MigrationReport::finish(false, reports, discovery, unresolved))
+    let outcome = PythonOutcome::collect(&reports, records, findings, unresolved);
+    Ok(MigrationReport::finish(false, reports, discovery, outcome))
 }
 
-fn run_dry(home: &Home, probes: Vec<Probe>, discovery: &Discovery, ticker: &mut Ticker<'_>) -> Result<MigrationReport> {
+fn python_targets(opened: &Opened) -> &[TargetIdentity] {
+    match opened {
+        Opened::Python(p) => &p.targets,
+        Opened::Queue(_) => &[],
+    }
+}
+
+/// What one source contributed beyond its counts; kept only if the source commits.
+#[derive(Default)]
+pub(crate) struct SourceFindings {
+    id_mismatches: Vec<IdMismatch>,
+    targets_created: Vec<CreatedTarget>,
+    target_ids: HashSet<String>,
+}
+
+impl SourceFindings {
+    fn merge_into(self, run: &mut RunFindings) {
+        run.id_mismatches.extend(self.id_mismatches);
+        run.targets_created.extend(self.targets_created);
+        run.target_ids.extend(self.target_ids);
+    }
+}
+
+fn run_dry(
+    home: &Home,
+    probes: Vec<Probe>,
+    discovery: &Discovery,
+    records: &Records,
+    ticker: &mut Ticker<'_>,
+) -> Result<MigrationReport> {
     let store = Store::open_read_only(home)?;
     let unresolved = match &store {
         Some(store) => unresolved_conflicts(store)?,
         None => 0,
     };
     let mut sink = DrySink { store: store.as_ref(), ..DrySink::default() };
+    let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { opened, mut report, .. } = probe;
-        let opened = match opened {
-            Ok(opened) => opened,
-            Err(reason) => {
+        let Probe { input, mut report, .. } = probe;
+        let opened = match input {
+            Input::Open(opened) => opened,
+            Input::Failed(reason) => {
                 reports.push(report.failed(reason));
+                continue;
+            }
+            Input::Unchanged(summary) => {
+                reports.push(report.unchanged(&summary));
+                findings.unchanged_summaries.push(summary);
                 continue;
             }
         };
         report.body_upload_rows = opened.body_upload_rows();
         sink.begin_source();
-        match import_source(&mut sink, opened, &mut report, ticker) {
-            Ok(()) => {}
+        let mut found = SourceFindings::default();
+        sink.begin_targets(python_targets(&opened), &mut found)?;
+        match import_source(&mut sink, opened, &mut report, &mut found, ticker) {
+            Ok(()) => {
+                report.targets = found.target_ids.len() as u64;
+                found.merge_into(&mut findings);
+            }
             Err(ReadStop::Source(reason)) => {
                 // A real run would roll this source back: forget what it would have added.
                 sink.rollback_source();
@@ -334,7 +610,8 @@ fn run_dry(home: &Home, probes: Vec<Probe>, discovery: &Discovery, ticker: &mut 
         reports.push(report);
     }
     let unresolved = unresolved + sink.conflicts.len() as u64 - sink.known_unresolved;
-    Ok(MigrationReport::finish(true, reports, discovery, unresolved))
+    let outcome = PythonOutcome::collect(&reports, records, findings, unresolved);
+    Ok(MigrationReport::finish(true, reports, discovery, outcome))
 }
 
 /// Unresolved conflicts in the store (from this run or earlier).
@@ -352,17 +629,36 @@ fn finish_source(
     report: &SourceReport,
     now: i64,
     imported_lamport: Option<ImportedLamport>,
+    fingerprint: Option<&str>,
+    found: &SourceFindings,
 ) -> Result<()> {
     // Like a JSON Lines import: the home's Lamport clock moves past every imported event's.
     if let Some(ImportedLamport(seen)) = imported_lamport {
         tick_lamport(tx, seen)?;
     }
+    let summary = file.kind.is_python().then(|| {
+        let mut summary = report.summary();
+        summary.target_ids = found.target_ids.iter().cloned().collect();
+        serde_json::to_string(&summary).unwrap_or_default()
+    });
     tx.prepare_cached(
-        "INSERT INTO migrated_sources (path, digest, migrated_at, rows_read) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO migrated_sources (path, digest, migrated_at, rows_read, kind, fingerprint, summary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT(path) DO UPDATE SET digest = excluded.digest, migrated_at = excluded.migrated_at,
-                                         rows_read = excluded.rows_read",
+                                         rows_read = excluded.rows_read, kind = excluded.kind,
+                                         fingerprint = excluded.fingerprint, summary = excluded.summary",
     )
-    .and_then(|mut s| s.execute(params![file.relative, file.digest_key(), now, report.rows_read as i64]))
+    .and_then(|mut s| {
+        s.execute(params![
+            file.relative,
+            file.digest_key(),
+            now,
+            report.rows_read as i64,
+            file.kind.as_str(),
+            fingerprint,
+            summary
+        ])
+    })
     .map(|_| ())
     .ctx("cannot record the migrated source")
 }
@@ -378,6 +674,8 @@ pub(crate) struct Incoming<'a> {
     pub captured_at: i64,
     pub capture_team: Option<&'a str>,
     pub lamport: Option<i64>,
+    /// `not_consented` for events Python held for lack of project consent.
+    pub blocked_reason: Option<&'static str>,
     pub source: &'a str,
     pub source_path: &'a str,
 }
@@ -411,6 +709,15 @@ pub(crate) trait Sink {
     /// Records that `row`'s source holds the journaled event (`seq` when already known).
     fn provenance(&mut self, row: &Incoming<'_>, seq: Option<i64>) -> Result<()>;
     fn conflict(&mut self, row: &Incoming<'_>, existing_sha256: &str) -> Result<ConflictState>;
+    /// Registers the source's Python targets (or checks which exist, in a dry run).
+    fn begin_targets(&mut self, targets: &[TargetIdentity], found: &mut SourceFindings) -> Result<()>;
+    /// Applies one Python delivery state; `false` when no journaled event has that key.
+    fn ledger(&mut self, row: &LedgerRow) -> Result<bool>;
+    /// Keeps a Python row key that differs from its envelope's id resolvable (ledger rows).
+    fn alias(&mut self, row_key: &str, row: &Incoming<'_>) -> Result<()>;
+    /// An already journaled event that a Python store says was never consented: hold it,
+    /// unless it was delivered, attempted or released already.
+    fn hold(&mut self, row: &Incoming<'_>) -> Result<()>;
 }
 
 /// Rows travel from the reader thread to the writer in batches of at most this many rows or
@@ -424,20 +731,24 @@ const BATCHES_IN_FLIGHT: usize = 2;
 enum Item {
     Row(Prepared),
     Invalid(InvalidRow),
+    Ledger(LedgerRow),
+    /// A Python ledger row naming a target the source does not identify.
+    Unmatched,
 }
 
 /// Imports one source. Two threads: one reads the source and does the CPU work (JSON parse,
 /// canonical form, SHA-256), the caller's thread writes; on two cores they overlap.
 fn import_source(
     sink: &mut dyn Sink,
-    opened: OpenSource,
+    opened: Opened,
     report: &mut SourceReport,
+    found: &mut SourceFindings,
     ticker: &mut Ticker<'_>,
 ) -> std::result::Result<(), ReadStop<Error>> {
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<Item>>(BATCHES_IN_FLIGHT);
     std::thread::scope(|scope| {
         let reader = scope.spawn(move || read_source(&opened, &sender));
-        let written = write_items(sink, &receiver, report, ticker);
+        let written = write_items(sink, &receiver, report, found, ticker);
         // Stopping early (a store error) closes the channel, which stops the reader.
         drop(receiver);
         let read = reader.join().map_err(|_| {
@@ -451,29 +762,60 @@ fn import_source(
 /// The writer stopped listening; the reader just stops.
 struct Closed;
 
-/// Reads and validates every row. `Err` is the reason the source cannot be read.
-fn read_source(opened: &OpenSource, out: &std::sync::mpsc::SyncSender<Vec<Item>>) -> std::result::Result<(), String> {
-    let mut batch = Vec::with_capacity(BATCH_ROWS);
-    let mut bytes = 0;
-    let mut scratch = Vec::new();
-    let result = source::for_each_row(opened, |raw| {
-        bytes += raw.data.map_or(0, <[u8]>::len);
-        batch.push(match prepare(raw, &mut scratch) {
-            Ok(row) => Item::Row(row),
-            Err(reason) => {
-                Item::Invalid(InvalidRow { row_id: raw.id, event_id: raw.event_id.map(str::to_string), reason })
-            }
-        });
-        if batch.len() >= BATCH_ROWS || bytes >= BATCH_BYTES {
-            bytes = 0;
-            out.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS))).map_err(|_| Closed)?;
+/// Batches items for the writer thread.
+struct Batcher<'o> {
+    out: &'o std::sync::mpsc::SyncSender<Vec<Item>>,
+    batch: Vec<Item>,
+    bytes: usize,
+}
+
+impl Batcher<'_> {
+    fn push(&mut self, item: Item, bytes: usize) -> std::result::Result<(), Closed> {
+        self.bytes += bytes;
+        self.batch.push(item);
+        if self.batch.len() >= BATCH_ROWS || self.bytes >= BATCH_BYTES {
+            self.bytes = 0;
+            self.out.send(std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_ROWS))).map_err(|_| Closed)?;
         }
         Ok(())
-    });
+    }
+}
+
+/// Reads and validates every row. `Err` is the reason the source cannot be read.
+fn read_source(opened: &Opened, out: &std::sync::mpsc::SyncSender<Vec<Item>>) -> std::result::Result<(), String> {
+    let mut batcher = Batcher { out, batch: Vec::with_capacity(BATCH_ROWS), bytes: 0 };
+    let mut scratch = Vec::new();
+    let result = match opened {
+        Opened::Queue(queue) => source::for_each_row(queue, |raw| {
+            let item = match prepare(raw, &mut scratch) {
+                Ok(row) => Item::Row(row),
+                Err(reason) => {
+                    Item::Invalid(InvalidRow { row_id: raw.id, event_id: raw.event_id.map(str::to_string), reason })
+                }
+            };
+            batcher.push(item, raw.data.map_or(0, <[u8]>::len))
+        }),
+        Opened::Python(store) => python::read(store, |row| {
+            let (item, bytes) = match row {
+                PyRow::Event(raw) => {
+                    let bytes = raw.bytes.as_ref().map_or(0, Vec::len);
+                    let (row_id, key) = (raw.row_id, raw.row_key.clone());
+                    let item = match prepare_python(raw, &mut scratch) {
+                        Ok(row) => Item::Row(row),
+                        Err(reason) => Item::Invalid(InvalidRow { row_id, event_id: key, reason }),
+                    };
+                    (item, bytes)
+                }
+                PyRow::Ledger(row) => (Item::Ledger(row), 64),
+                PyRow::Unmatched => (Item::Unmatched, 0),
+            };
+            batcher.push(item, bytes)
+        }),
+    };
     match result {
         Ok(()) => {
             // A closed channel here means the writer failed; it reports that itself.
-            let _ = out.send(batch);
+            let _ = out.send(batcher.batch);
             Ok(())
         }
         Err(ReadStop::Source(reason)) => Err(reason),
@@ -485,17 +827,42 @@ fn write_items(
     sink: &mut dyn Sink,
     batches: &std::sync::mpsc::Receiver<Vec<Item>>,
     report: &mut SourceReport,
+    found: &mut SourceFindings,
     ticker: &mut Ticker<'_>,
 ) -> Result<()> {
     let source_name = report.source.clone();
     let source_path = report.path.clone();
     for batch in batches {
         for item in batch {
-            report.rows_read += 1;
             ticker.row();
             match item {
-                Item::Invalid(row) => report.invalid_row(row),
-                Item::Row(row) => apply(sink, &row.incoming(&source_name, &source_path), report)?,
+                Item::Invalid(row) => {
+                    report.rows_read += 1;
+                    report.invalid_row(row);
+                }
+                Item::Row(row) => {
+                    report.rows_read += 1;
+                    let incoming = row.incoming(&source_name, &source_path);
+                    apply(sink, &incoming, report)?;
+                    if let Some(row_key) = &row.row_key {
+                        sink.alias(row_key, &incoming)?;
+                        found.id_mismatches.push(IdMismatch {
+                            row_id: row_key.clone(),
+                            event_id: row.event_id.clone(),
+                            source: source_name.clone(),
+                        });
+                    }
+                }
+                Item::Ledger(row) => {
+                    report.ledger_rows += 1;
+                    if !sink.ledger(&row)? {
+                        report.ledger_unmatched += 1;
+                    }
+                }
+                Item::Unmatched => {
+                    report.ledger_rows += 1;
+                    report.ledger_unmatched += 1;
+                }
             }
         }
     }
@@ -503,6 +870,7 @@ fn write_items(
 }
 
 fn apply(sink: &mut dyn Sink, incoming: &Incoming<'_>, report: &mut SourceReport) -> Result<()> {
+    report.not_consented += u64::from(incoming.blocked_reason.is_some());
     let existing = match sink.insert(incoming)? {
         Found::New(seq) => {
             sink.provenance(incoming, seq)?;
@@ -514,6 +882,9 @@ fn apply(sink: &mut dyn Sink, incoming: &Incoming<'_>, report: &mut SourceReport
     let (same, existing_sha256) = compare(&existing, incoming);
     if same {
         sink.provenance(incoming, None)?;
+        if incoming.blocked_reason.is_some() {
+            sink.hold(incoming)?;
+        }
         report.deduped += 1;
         return Ok(());
     }
@@ -553,6 +924,9 @@ struct Prepared {
     captured_at: i64,
     team: Option<String>,
     lamport: Option<i64>,
+    blocked_reason: Option<&'static str>,
+    /// A Python row key that differs from the envelope's `event_id`.
+    row_key: Option<String>,
 }
 
 impl Prepared {
@@ -566,6 +940,7 @@ impl Prepared {
             captured_at: self.captured_at,
             capture_team: self.team.as_deref(),
             lamport: self.lamport,
+            blocked_reason: self.blocked_reason,
             source,
             source_path,
         }
@@ -589,13 +964,8 @@ fn prepare(raw: &RawRow<'_>, scratch: &mut Vec<u8>) -> std::result::Result<Prepa
         Some(id) => return Err(format!("event_id {id:?} is not a valid ULID")),
         None => return Err("the event_id column is NULL or not text".to_string()),
     };
-    let (facts, canonical_sha256) = parse_envelope(data, event_id, scratch)?;
-    // `event_type` as stored in its column; the envelope's only if the column is blank.
-    let event_type = match (raw.event_type.filter(|t| !t.trim().is_empty()), facts.event_type) {
-        (Some(column), _) => column.to_string(),
-        (None, Some(envelope)) => envelope,
-        (None, None) => return Err("no event_type".to_string()),
-    };
+    let (facts, canonical_sha256) = parse_envelope(data, Some(event_id), scratch)?;
+    let event_type = event_type(raw.event_type, facts.event_type)?;
     Ok(Prepared {
         event_id: event_id.to_string(),
         event_type,
@@ -605,31 +975,75 @@ fn prepare(raw: &RawRow<'_>, scratch: &mut Vec<u8>) -> std::result::Result<Prepa
         captured_at: captured_at(raw.timestamp),
         team: facts.team,
         lamport: facts.lamport,
+        blocked_reason: None,
+        row_key: None,
+    })
+}
+
+/// `event_type` as stored in its column; the envelope's only if the column is blank.
+fn event_type(column: Option<&str>, envelope: Option<String>) -> std::result::Result<String, String> {
+    match (column.filter(|t| !t.trim().is_empty()), envelope) {
+        (Some(column), _) => Ok(column.to_string()),
+        (None, Some(envelope)) => Ok(envelope),
+        (None, None) => Err("no event_type".to_string()),
+    }
+}
+
+/// A Python journal row. The envelope's `event_id` is the event's identity (receivers dedupe
+/// on it); a row key that disagrees (3.2.4/3.2.7 coalescing) is kept as an alias.
+fn prepare_python(raw: RawEvent, scratch: &mut Vec<u8>) -> std::result::Result<Prepared, String> {
+    let data = raw.bytes?;
+    let (facts, canonical_sha256) = parse_envelope(&data, None, scratch)?;
+    let event_id = match facts.event_id {
+        Some(id) if is_valid_ulid(&id) => id,
+        Some(id) => return Err(format!("the envelope's event_id {id:?} is not a valid ULID")),
+        None => return Err("the envelope has no event_id".to_string()),
+    };
+    let event_type = event_type(raw.event_type.as_deref(), facts.event_type)?;
+    let row_key = raw.row_key.filter(|key| *key != event_id);
+    Ok(Prepared {
+        event_id,
+        event_type,
+        bytes: data,
+        canonical_sha256,
+        coalesce_key: raw.coalesce_key,
+        captured_at: raw.created_at.unwrap_or_else(crate::clock::now_ms),
+        team: facts.team,
+        lamport: facts.lamport,
+        blocked_reason: raw.not_consented.then_some(NOT_CONSENTED),
+        row_key,
     })
 }
 
 /// What the migration reads from an envelope besides its bytes.
 #[derive(Debug)]
 struct Facts {
+    /// The envelope's `event_id` (read only when the row's id is not imposed).
+    event_id: Option<String>,
     event_type: Option<String>,
     team: Option<String>,
     lamport: Option<i64>,
 }
 
-/// Checks the envelope is an object carrying the row's event id, and reads its facts.
-fn facts(envelope: &Json<'_>, event_id: &str) -> std::result::Result<Facts, String> {
+/// Checks the envelope is an object (carrying the row's event id when `expected` is given),
+/// and reads its facts.
+fn facts(envelope: &Json<'_>, expected: Option<&str>) -> std::result::Result<Facts, String> {
     let object = envelope.as_object().ok_or("data is not a JSON object")?;
-    match object.get("event_id") {
-        Some(Json::String(inner)) if inner == event_id => {}
-        Some(other) => {
-            return Err(format!(
-                "the envelope's event_id {} differs from the row's {event_id}",
-                other.to_canonical_string()
-            ));
+    let inner = object.get("event_id");
+    if let Some(event_id) = expected {
+        match inner {
+            Some(Json::String(inner)) if inner == event_id => {}
+            Some(other) => {
+                return Err(format!(
+                    "the envelope's event_id {} differs from the row's {event_id}",
+                    other.to_canonical_string()
+                ));
+            }
+            None => return Err("the envelope has no event_id".to_string()),
         }
-        None => return Err("the envelope has no event_id".to_string()),
     }
     Ok(Facts {
+        event_id: inner.and_then(Json::as_str).map(str::to_string),
         event_type: object
             .get("event_type")
             .and_then(Json::as_str)
@@ -649,7 +1063,7 @@ fn facts(envelope: &Json<'_>, event_id: &str) -> std::result::Result<Facts, Stri
 /// comparison with the stored bytes agrees.
 fn parse_envelope(
     data: &[u8],
-    event_id: &str,
+    event_id: Option<&str>,
     scratch: &mut Vec<u8>,
 ) -> std::result::Result<(Facts, [u8; 32]), String> {
     let error = match Json::parse(data) {
@@ -716,6 +1130,121 @@ struct TxSink<'t, 'c> {
     now: i64,
     /// `Some` once an event was imported.
     imported_lamport: Option<ImportedLamport>,
+    /// Per Python target of the source: the kitty-sync (target, epoch) rows that stand for it.
+    targets: Vec<Vec<(i64, i64)>>,
+    /// (target, epoch) → events that became terminally delivered there in this source.
+    delivered: HashMap<(i64, i64), Vec<i64>>,
+    /// The last ledger row's event key and sequence number (a 3.2.4 ledger lists one event's
+    /// rows together).
+    last_key: Option<(String, Option<i64>)>,
+}
+
+impl<'t, 'c> TxSink<'t, 'c> {
+    fn new(tx: &'t Transaction<'c>, now: i64) -> Self {
+        TxSink { tx, now, imported_lamport: None, targets: Vec::new(), delivered: HashMap::new(), last_key: None }
+    }
+
+    /// Counts the first terminal deliveries the ledger rows of this source recorded (the
+    /// status counters and "delivered anywhere" that drains keep the same way).
+    fn finish(&mut self) -> Result<()> {
+        for ((target, epoch), seqs) in std::mem::take(&mut self.delivered) {
+            crate::store::stats::note_delivered(self.tx, target, epoch, &seqs)?;
+        }
+        Ok(())
+    }
+
+    /// The journaled event a Python ledger key names: its id, or a row key recorded as alias.
+    fn seq_of(&mut self, key: &str) -> Result<Option<i64>> {
+        if let Some((last, seq)) = &self.last_key
+            && last == key
+        {
+            return Ok(*seq);
+        }
+        let seq = self
+            .tx
+            .prepare_cached(
+                "SELECT seq FROM events WHERE event_id = ?1
+                 UNION ALL SELECT seq FROM migration_aliases WHERE alias = ?1 LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([key], |r| r.get::<_, i64>(0)).optional())
+            .ctx("cannot look up the event id")?;
+        self.last_key = Some((key.to_string(), seq));
+        Ok(seq)
+    }
+
+    /// Writes Python's state for (event, target) without ever undoing a terminal success, and
+    /// without overriding a state kitty-sync already holds (e.g. a parked event the operator
+    /// retried): only a Python success/duplicate upgrades an existing row.
+    fn write_ledger(&mut self, target: (i64, i64), seq: i64, row: &LedgerRow, status: &'static str) -> Result<()> {
+        let success = status == "success" || status == "duplicate";
+        let reject_count = if status == "rejected" { row.attempt_count } else { 0 };
+        let completed = (status != "rejected").then_some(row.last_at).flatten();
+        let inserted = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO ledger (target, epoch, seq, status, attempt_count, reject_count, first_attempted_at,
+                                               last_attempted_at, completed_at, last_http_status, last_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    target.0,
+                    target.1,
+                    seq,
+                    status,
+                    row.attempt_count,
+                    reject_count,
+                    row.first_at,
+                    row.last_at,
+                    completed,
+                    row.http_status,
+                    row.error
+                ])
+            })
+            .ctx("cannot import the delivery state")?;
+        let newly_delivered = match (inserted, success) {
+            (1, true) => true,
+            (_, true) => {
+                self.tx
+                    .prepare_cached(
+                        "UPDATE ledger SET status = ?4, completed_at = ?5
+                         WHERE target = ?1 AND epoch = ?2 AND seq = ?3 AND status NOT IN ('success', 'duplicate')",
+                    )
+                    .and_then(|mut s| s.execute(params![target.0, target.1, seq, status, completed]))
+                    .ctx("cannot import the delivery state")?
+                    == 1
+            }
+            _ => false,
+        };
+        if newly_delivered {
+            self.delivered.entry(target).or_default().push(seq);
+        }
+        Ok(())
+    }
+}
+
+/// The kitty-sync target rows a Python target stands for: its own identity, and for a 3.2.4
+/// Teamspace target recorded without a user, every Teamspace target of the same server and
+/// team (contract §12: the same target whatever user is logged in). Returns whether the
+/// identity's own row was created.
+fn python_target_rows(tx: &Transaction<'_>, identity: &TargetIdentity, now: i64) -> Result<(Vec<(i64, i64)>, bool)> {
+    let (record, created) = target::register_exact(tx, identity, now)?;
+    let mut rows = vec![(record.id, record.epoch)];
+    if identity.user_email.is_empty() && !identity.team_slug.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT id, epoch FROM targets
+                 WHERE canonical_url = ?1 AND team_slug = ?2 AND user_email <> '' AND kind = 'teamspace'",
+            )
+            .ctx("cannot read delivery targets")?;
+        let others = stmt
+            .query_map(params![identity.canonical_url, identity.team_slug], |r| Ok((r.get(0)?, r.get(1)?)))
+            .ctx("cannot read delivery targets")?;
+        for other in others {
+            rows.push(other.ctx("cannot read delivery targets")?);
+        }
+    }
+    Ok((rows, created))
 }
 
 impl Sink for TxSink<'_, '_> {
@@ -727,7 +1256,7 @@ impl Sink for TxSink<'_, '_> {
             coalesce_key: row.coalesce_key,
             captured_at: row.captured_at,
             capture_team: row.capture_team,
-            blocked_reason: None,
+            blocked_reason: row.blocked_reason,
         };
         // No coalescing on import: a legacy event is older than what the journal holds, and
         // superseding by insertion order could hide a newer event. Nothing is ever lost.
@@ -825,6 +1354,53 @@ impl Sink for TxSink<'_, '_> {
             }
         }
     }
+
+    fn begin_targets(&mut self, targets: &[TargetIdentity], found: &mut SourceFindings) -> Result<()> {
+        for identity in targets {
+            let (rows, created) = python_target_rows(self.tx, identity, self.now)?;
+            if created {
+                found.targets_created.push(CreatedTarget::of(identity));
+            }
+            found.target_ids.insert(identity.target_id());
+            self.targets.push(rows);
+        }
+        Ok(())
+    }
+
+    fn ledger(&mut self, row: &LedgerRow) -> Result<bool> {
+        // A state with no terminal meaning leaves the event due: nothing to write.
+        let Some(status) = row.status else { return Ok(true) };
+        let Some(seq) = self.seq_of(&row.event_key)? else { return Ok(false) };
+        let rows = self.targets.get(row.target).cloned().unwrap_or_default();
+        for target in rows {
+            self.write_ledger(target, seq, row, status)?;
+        }
+        Ok(true)
+    }
+
+    fn alias(&mut self, row_key: &str, row: &Incoming<'_>) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO migration_aliases (alias, source, seq)
+                 SELECT ?1, ?2, seq FROM events WHERE event_id = ?3",
+            )
+            .and_then(|mut s| s.execute(params![row_key, row.source, row.event_id]))
+            .map(|_| ())
+            .ctx("cannot record the row's id")
+    }
+
+    fn hold(&mut self, row: &Incoming<'_>) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE events SET drain_blocked_reason = ?2
+                 WHERE event_id = ?1 AND drain_blocked_reason IS NOT ?2 AND delivered_targets = 0
+                   AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.seq = events.seq)
+                   AND NOT EXISTS (SELECT 1 FROM consent_releases r WHERE r.seq = events.seq)",
+            )
+            .and_then(|mut s| s.execute(params![row.event_id, NOT_CONSENTED]))
+            .map(|_| ())
+            .ctx("cannot hold the event")
+    }
 }
 
 /// Reads the store (if any) and keeps this run's would-be inserts in memory.
@@ -841,6 +1417,8 @@ struct DrySink<'s> {
     /// How many of `conflicts` are already unresolved rows of the store (for the current source).
     known_unresolved: u64,
     source_known_unresolved: u64,
+    /// Targets this dry run would create (a real run registers each once).
+    targets_created: HashSet<String>,
 }
 
 impl DrySink<'_> {
@@ -932,6 +1510,32 @@ impl Sink for DrySink<'_> {
             _ => Ok(self.remember_conflict(key, false)),
         }
     }
+
+    fn begin_targets(&mut self, targets: &[TargetIdentity], found: &mut SourceFindings) -> Result<()> {
+        for identity in targets {
+            let exists = match self.store {
+                Some(store) => target::find_exact(store.conn(), identity)?.is_some(),
+                None => false,
+            };
+            if !exists && self.targets_created.insert(identity.target_id()) {
+                found.targets_created.push(CreatedTarget::of(identity));
+            }
+            found.target_ids.insert(identity.target_id());
+        }
+        Ok(())
+    }
+
+    fn ledger(&mut self, _row: &LedgerRow) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn alias(&mut self, _row_key: &str, _row: &Incoming<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    fn hold(&mut self, _row: &Incoming<'_>) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -941,7 +1545,7 @@ mod tests {
     #[test]
     fn hash_is_the_canonical_json_hash() {
         let data = br#"{"event_id": "01KJP325TDMTQC21WEN42FYF3K", "b": [1, 2.5, -3, 1e300], "a": {"z": "caf\u00e9 \ud83d\ude00", "y": null}, "c": "\"\\\n"}"#;
-        let (_, sha) = parse_envelope(data, "01KJP325TDMTQC21WEN42FYF3K", &mut Vec::new()).unwrap();
+        let (_, sha) = parse_envelope(data, Some("01KJP325TDMTQC21WEN42FYF3K"), &mut Vec::new()).unwrap();
         let expected: [u8; 32] = Sha256::digest(canonical_bytes(data)).into();
         assert_eq!(sha, expected);
     }
@@ -950,14 +1554,14 @@ mod tests {
     fn lone_surrogates_are_an_event_whose_canonical_form_is_its_bytes() {
         let data = br#"{"event_id": "01KJP325TDMTQC21WEN42FYF3K", "path": "caf\udce9.md", "ok": "\ud83d\ude00", "lit": "\\udce9"}"#;
         assert!(serde_json::from_slice::<Value>(data).is_err(), "serde_json cannot decode it");
-        let (_, sha) = parse_envelope(data, "01KJP325TDMTQC21WEN42FYF3K", &mut Vec::new()).unwrap();
+        let (_, sha) = parse_envelope(data, Some("01KJP325TDMTQC21WEN42FYF3K"), &mut Vec::new()).unwrap();
         let copy = replace_surrogate_escapes(data).unwrap();
         let value: Value = serde_json::from_slice(&copy).unwrap();
         assert_eq!(value["lit"], "\\udce9", "an escaped backslash is not an escape");
         assert_eq!(value["path"], "caf\u{fffd}.md");
         let expected: [u8; 32] = Sha256::digest(canonical_bytes(data)).into();
         assert_eq!(sha, expected, "agrees with canonical_bytes of the stored bytes");
-        assert!(parse_envelope(b"{\"v\": NaN}", "x", &mut Vec::new()).unwrap_err().contains("not valid JSON"));
+        assert!(parse_envelope(b"{\"v\": NaN}", Some("x"), &mut Vec::new()).unwrap_err().contains("not valid JSON"));
         assert!(replace_surrogate_escapes(b"{\"a\": \"\\u00e9\"}").is_none());
     }
 

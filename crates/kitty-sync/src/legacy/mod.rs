@@ -1,4 +1,6 @@
-//! Read-only access to spec-kitty ≤ 3.2.3 offline queues and their migration into the journal.
+//! Read-only access to spec-kitty ≤ 3.2.3 offline queues and 3.2.4–3.2.7's Python stores
+//! (journals, delivery ledger and targets, per-project stores), and their one migration into
+//! the journal and ledger.
 //!
 //! - [`discover`]: `queue.db`, then `queues/queue-<hex>.db` by digest; other files are ignored.
 //! - [`migrate`]: imports every source in its own transaction; idempotent; `dry_run` writes
@@ -17,6 +19,7 @@
 
 mod conflicts;
 mod migrate;
+mod python;
 mod report;
 mod source;
 
@@ -25,8 +28,11 @@ pub use conflicts::{
     resolve,
 };
 pub use migrate::{
-    InvalidRow, MAX_LISTED_INVALID_ROWS, MigrateOptions, MigrateProgress, MigrationReport, NOTE, SourceReport, Totals,
-    migrate,
+    CreatedTarget, IdMismatch, InvalidRow, MAX_LISTED_INVALID_ROWS, MigrateOptions, MigrateProgress, MigrationReport,
+    NOTE, SourceReport, Totals, migrate,
 };
-pub use report::{BodyUploadCompatibility, LegacyQueueFile, LegacyQueuesReport, legacy_queues_report};
-pub use source::{Discovery, LEGACY_QUEUE, QUEUES_DIR, ScopeStatus, SourceFile, discover, queue_digest};
+pub use python::NOT_CONSENTED;
+pub use report::{
+    BodyUploadCompatibility, LegacyQueueFile, LegacyQueuesReport, legacy_queues_report, stores_not_imported,
+};
+pub use source::{Discovery, LEGACY_QUEUE, QUEUES_DIR, ScopeStatus, SourceFile, SourceKind, discover, queue_digest};

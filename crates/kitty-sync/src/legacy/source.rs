@@ -45,7 +45,36 @@ impl ScopeStatus {
     }
 }
 
-/// One discovered legacy queue file.
+/// What a source file is (contract §12 `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// spec-kitty ≤ 3.2.3 `queue.db` / `queues/queue-<hex>.db`.
+    LegacyQueue,
+    /// 3.2.4+ `event_journal/journal-<token>.db`.
+    Journal,
+    /// 3.2.4+ `delivery/ledger.db` with its `delivery/targets.db`.
+    Ledger,
+    /// 3.2.7 `projects/<uuid>/sync/sync.db`: events, consent and delivery state of one project.
+    ProjectStore,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::LegacyQueue => "legacy_queue",
+            SourceKind::Journal => "journal",
+            SourceKind::Ledger => "ledger",
+            SourceKind::ProjectStore => "project_store",
+        }
+    }
+
+    pub fn is_python(self) -> bool {
+        self != SourceKind::LegacyQueue
+    }
+}
+
+/// One discovered source file: a legacy queue or one of the Python stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
     /// Absolute path (symlinks not resolved).
@@ -53,11 +82,21 @@ pub struct SourceFile {
     /// Path relative to the home: `queue.db` or `queues/queue-<digest>.db`. Used as the key
     /// of `migrated_sources` so a moved home keeps its migration record.
     pub relative: String,
-    /// The hex digest of a scoped queue; `None` for `queue.db`.
+    /// The hex digest of a scoped queue; `None` for `queue.db` and the Python stores.
     pub digest: Option<String>,
+    pub kind: SourceKind,
 }
 
 impl SourceFile {
+    pub(crate) fn legacy(path: PathBuf, relative: String, digest: Option<String>) -> SourceFile {
+        SourceFile { path, relative, digest, kind: SourceKind::LegacyQueue }
+    }
+
+    /// The §7 scope of a legacy queue; `None` for the Python stores, which have no scope digest.
+    pub fn scope(&self, authority: &TargetAuthority) -> Option<ScopeStatus> {
+        (!self.kind.is_python()).then(|| self.scope_status(authority))
+    }
+
     pub fn scope_status(&self, authority: &TargetAuthority) -> ScopeStatus {
         match &self.digest {
             None => ScopeStatus::Legacy,
@@ -71,6 +110,15 @@ impl SourceFile {
     /// The provenance name recorded per (event, source): never a URL or a team, because the
     /// scope behind a digest cannot be recovered.
     pub fn provenance(&self, authority: &TargetAuthority) -> String {
+        match self.kind {
+            SourceKind::Journal => {
+                let name = self.relative.rsplit('/').next().unwrap_or(&self.relative);
+                return format!("journal:{name}");
+            }
+            SourceKind::ProjectStore => return format!("project:{}", self.digest_key()),
+            SourceKind::Ledger => return format!("ledger:{}", self.relative),
+            SourceKind::LegacyQueue => {}
+        }
         match (&self.digest, self.scope_status(authority)) {
             (Some(d), ScopeStatus::Known) => format!("known:{d}"),
             (Some(d), _) => format!("unknown:{d}"),
@@ -78,9 +126,9 @@ impl SourceFile {
         }
     }
 
-    /// The digest as stored in `migrated_sources` (a NOT NULL column).
+    /// The digest as stored in `migrated_sources` (a NOT NULL column); a project store's uuid.
     pub(crate) fn digest_key(&self) -> &str {
-        self.digest.as_deref().unwrap_or("legacy")
+        self.digest.as_deref().unwrap_or(if self.kind.is_python() { "python" } else { "legacy" })
     }
 
     pub fn display_path(&self) -> String {
@@ -101,10 +149,16 @@ pub struct Discovery {
 /// directory that cannot be listed is reported in `dir_error`.
 pub fn discover(home: &Home) -> Discovery {
     let root = std::path::absolute(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
+    let mut discovery = discover_legacy(&root);
+    discovery.sources.extend(super::python::discover(&root));
+    discovery
+}
+
+fn discover_legacy(root: &Path) -> Discovery {
     let mut discovery = Discovery::default();
     let legacy = root.join(LEGACY_QUEUE);
     if fs::symlink_metadata(&legacy).is_ok() {
-        discovery.sources.push(SourceFile { path: legacy, relative: LEGACY_QUEUE.to_string(), digest: None });
+        discovery.sources.push(SourceFile::legacy(legacy, LEGACY_QUEUE.to_string(), None));
     }
     let dir = root.join(QUEUES_DIR);
     let entries = match fs::read_dir(&dir) {
@@ -128,11 +182,11 @@ pub fn discover(home: &Home) -> Discovery {
         };
         let name = entry.file_name();
         match name.to_str().and_then(queue_digest) {
-            Some(digest) => scoped.push(SourceFile {
-                path: entry.path(),
-                relative: format!("{QUEUES_DIR}/queue-{digest}.db"),
-                digest: Some(digest.to_string()),
-            }),
+            Some(digest) => scoped.push(SourceFile::legacy(
+                entry.path(),
+                format!("{QUEUES_DIR}/queue-{digest}.db"),
+                Some(digest.to_string()),
+            )),
             None => other.push((name.to_string_lossy().into_owned(), entry.path())),
         }
     }
@@ -178,28 +232,66 @@ pub(crate) struct OpenSource {
     _copy: Option<TempCopy>,
 }
 
-impl OpenSource {
+/// Opens a source read-only and checks it is a spec-kitty queue. The error is the reason, for
+/// the operator, why this source cannot be migrated.
+pub(crate) fn open(file: &SourceFile) -> Result<Opened, String> {
+    if file.kind.is_python() {
+        return super::python::open(file).map(Opened::Python);
+    }
+    let (conn, copy) = open_db(&file.path)?;
+    probe(conn, copy).map(Opened::Queue)
+}
+
+/// An open source of any kind.
+pub(crate) enum Opened {
+    Queue(OpenSource),
+    Python(super::python::PythonSource),
+}
+
+impl Opened {
+    /// Rows the import reads (queue rows, journal rows, or ledger rows).
+    pub fn rows(&self) -> u64 {
+        match self {
+            Opened::Queue(q) => q.queue_rows,
+            Opened::Python(p) => p.event_rows + p.ledger_rows,
+        }
+    }
+
+    /// Events the file holds (0 for a ledger).
+    pub fn event_rows(&self) -> u64 {
+        match self {
+            Opened::Queue(q) => q.queue_rows,
+            Opened::Python(p) => p.event_rows,
+        }
+    }
+
+    pub fn body_upload_counts(&self) -> (u64, u64) {
+        match self {
+            Opened::Queue(q) => (q.body_upload_queue_rows, q.body_upload_failure_log_rows),
+            Opened::Python(_) => (0, 0),
+        }
+    }
+
     pub fn body_upload_rows(&self) -> u64 {
-        self.body_upload_queue_rows + self.body_upload_failure_log_rows
+        let (queue, log) = self.body_upload_counts();
+        queue + log
     }
 }
 
-/// Opens a source read-only and checks it is a spec-kitty queue. The error is the reason, for
-/// the operator, why this source cannot be migrated.
-pub(crate) fn open(path: &Path) -> Result<OpenSource, String> {
+/// Opens any SQLite source read-only (see the module comment); the error is the reason.
+pub(crate) fn open_db(path: &Path) -> Result<(Connection, Option<TempCopy>), String> {
     let meta = fs::metadata(path).map_err(|e| format!("cannot read the file: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".to_string());
     }
     check_header(path, meta.len())?;
-    let (conn, copy) = if has_pending_sidecar(path) {
+    if has_pending_sidecar(path) {
         let copy = TempCopy::of(path).map_err(|e| format!("cannot make a private copy to recover it: {e}"))?;
         let conn = open_copy(&copy.db).map_err(|e| describe(&e))?;
-        (conn, Some(copy))
+        Ok((conn, Some(copy)))
     } else {
-        (open_immutable(path).map_err(|e| describe(&e))?, None)
-    };
-    probe(conn, copy)
+        Ok((open_immutable(path).map_err(|e| describe(&e))?, None))
+    }
 }
 
 fn probe(conn: Connection, copy: Option<TempCopy>) -> Result<OpenSource, String> {
@@ -230,20 +322,20 @@ fn probe(conn: Connection, copy: Option<TempCopy>) -> Result<OpenSource, String>
     Ok(OpenSource { conn, layout, queue_rows, body_upload_queue_rows, body_upload_failure_log_rows, _copy: copy })
 }
 
-fn table_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn table_names(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?;
     let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
     names.collect()
 }
 
-fn column_names(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn column_names(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare(&format!("PRAGMA table_info(\"{table}\")"))?;
     let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
     names.collect()
 }
 
 /// The operator-facing reason for a SQLite error on a source.
-fn describe(e: &rusqlite::Error) -> String {
+pub(crate) fn describe(e: &rusqlite::Error) -> String {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::NotADatabase) => format!("not a SQLite database ({e})"),
         Some(rusqlite::ErrorCode::DatabaseCorrupt) => format!("damaged or truncated database ({e})"),
@@ -284,7 +376,7 @@ fn check_header(path: &Path, len: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_os_string();
     name.push(suffix);
     PathBuf::from(name)
@@ -336,7 +428,7 @@ fn path_bytes(path: &Path) -> Vec<u8> {
 }
 
 /// A private copy of a source and its sidecars, removed on drop.
-struct TempCopy {
+pub(crate) struct TempCopy {
     dir: PathBuf,
     db: PathBuf,
 }

@@ -2,7 +2,7 @@
 //! Never edit a released step: add a new one.
 
 /// Step N (1-based) brings the store from version N-1 to N.
-pub const MIGRATIONS: &[&str] = &[V1];
+pub const MIGRATIONS: &[&str] = &[V1, V2_PYTHON_STORES];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -209,4 +209,33 @@ CREATE TABLE migrated_sources (
     migrated_at INTEGER NOT NULL,
     rows_read   INTEGER NOT NULL
 ) WITHOUT ROWID;
+"#;
+
+/// Version 2: importing spec-kitty 3.2.4–3.2.7's Python stores (contract §12).
+///
+/// - `migrated_sources.kind` / `fingerprint` / `summary`: a Python store is skipped by a re-run
+///   while its files are unchanged (size and modification time of the file and its sidecars),
+///   so a re-run over 100,000 events costs a `stat`, not a re-read; `summary` keeps that
+///   import's counts for the report.
+/// - `migration_aliases`: a Python journal row whose key differs from its envelope's
+///   `event_id` is journaled under the envelope's id; its row key stays resolvable for the
+///   ledger rows Python recorded under it, and for the report's `id_mismatches`.
+/// - `consent_releases`: events the operator released with `retry --not-consented`, so a later
+///   import of the same project store never holds them back again.
+const V2_PYTHON_STORES: &str = r#"
+ALTER TABLE migrated_sources ADD COLUMN kind TEXT NOT NULL DEFAULT 'legacy_queue';
+ALTER TABLE migrated_sources ADD COLUMN fingerprint TEXT;
+ALTER TABLE migrated_sources ADD COLUMN summary TEXT;
+
+CREATE TABLE migration_aliases (
+    alias  TEXT NOT NULL,
+    source TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (alias, source)
+) WITHOUT ROWID;
+
+CREATE TABLE consent_releases (
+    seq         INTEGER PRIMARY KEY,
+    released_at INTEGER NOT NULL
+);
 "#;

@@ -22,7 +22,10 @@ macro_rules! due_where {
         concat!(
             "WHERE e.seq >= ?1
   AND +e.state = 0  -- unary + keeps the planner on the seq range, not the state index
-  AND e.coalesced_into IS NULL",
+  AND e.coalesced_into IS NULL
+  -- Python captured it before its project opted in (contract §12): no target until the
+  -- operator runs `retry --not-consented`; the only stored reason that blocks selection.
+  AND e.drain_blocked_reason IS NOT 'not_consented'",
             $team,
             "
   AND NOT EXISTS (
@@ -160,7 +163,7 @@ mod tests {
     fn selection_skips_settled_coalesced_isolated_and_held_events() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Home::at(dir.path())).unwrap();
-        seed(&store, 12);
+        seed(&store, 13);
         let conn = store.conn();
         conn.execute_batch(
             "INSERT INTO targets (id, target_id, kind, canonical_url, first_seen_at, last_seen_at) VALUES (1, 't1', 'external', 'https://a', 0, 0);
@@ -169,6 +172,8 @@ mod tests {
                 (1, 0, 7, 'success'), (1, 1, 8, 'success');
              INSERT INTO ledger (target, epoch, seq, status, reject_count) VALUES (1, 0, 9, 'rejected', 2), (1, 0, 11, 'rejected', 3);
              UPDATE events SET coalesced_into = 'x' WHERE seq = 12;
+             UPDATE events SET drain_blocked_reason = 'saas_disabled' WHERE seq = 4;
+             UPDATE events SET drain_blocked_reason = 'not_consented' WHERE seq = 13;
              UPDATE events SET state = 1 WHERE seq = 6;",
         )
         .unwrap();
@@ -180,7 +185,8 @@ mod tests {
                 .collect()
         };
         // 1-3,7 settled; 6 archived; 11 held after 3 rejections; 12 coalesced away;
-        // 8's success belongs to another epoch; 5 and 10 belong to team "other".
+        // 8's success belongs to another epoch; 5 and 10 belong to team "other"; 13 waits for
+        // consent (4's capture-time reason does not block).
         assert_eq!(seqs(None, 0, 100), vec![4, 5, 8, 9, 10]);
         assert_eq!(seqs(Some("mine"), 0, 100), vec![4, 8, 9]);
         assert_eq!(seqs(Some("other"), 0, 100), vec![4, 5, 8, 9, 10]);
