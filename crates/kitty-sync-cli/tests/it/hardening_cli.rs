@@ -148,19 +148,25 @@ fn assert_no_secrets(run: &Run, secrets: &[&str]) {
     }
 }
 
+/// Another process rewriting `credentials` while our first batch (sent with `access-1`) is
+/// in flight.
+fn rewritten_during_first_batch(home: &Home, text: String) -> impl Fn(&FakeRequest) + Send + Sync + 'static {
+    let path = home.path().join("credentials");
+    move |request| {
+        if request.header("authorization") == Some("Bearer access-1") {
+            write_private(&path, &text);
+        }
+    }
+}
+
 #[test]
 fn refresh_sends_the_refresh_token_another_process_rotated_meanwhile() {
     let mut home = Home::new();
     let path = home.path().join("credentials");
     // spec-kitty refreshes while our first batch is in flight: it rotates the refresh token.
-    let rotate = path.clone();
     let server = teamspace_server(
         "access-3",
-        move |request| {
-            if request.header("authorization") == Some("Bearer access-1") {
-                write_private(&rotate, &credentials("access-1", "refresh-2", "2099-01-01T00:00:00Z"));
-            }
-        },
+        rewritten_during_first_batch(&home, credentials("access-1", "refresh-2", "2099-01-01T00:00:00Z")),
         |request| match refresh_body(request).as_str() {
             "refresh-2" => FakeResponse::json(200, &json!({"access": "access-3", "refresh": "refresh-3"})),
             _ => FakeResponse::json(401, &json!({"detail": "refresh token already used"})),
@@ -182,14 +188,9 @@ fn refresh_sends_the_refresh_token_another_process_rotated_meanwhile() {
 fn a_token_another_process_refreshed_is_used_without_refreshing_again() {
     let mut home = Home::new();
     let path = home.path().join("credentials");
-    let rotate = path.clone();
     let server = teamspace_server(
         "access-2",
-        move |request| {
-            if request.header("authorization") == Some("Bearer access-1") {
-                write_private(&rotate, &credentials("access-2", "refresh-2", "2099-01-01T00:00:00Z"));
-            }
-        },
+        rewritten_during_first_batch(&home, credentials("access-2", "refresh-2", "2099-01-01T00:00:00Z")),
         |_| FakeResponse::json(401, &json!({"detail": "must not be called"})),
     );
     teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2099-01-01T00:00:00Z"));
