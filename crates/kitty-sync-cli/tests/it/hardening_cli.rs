@@ -63,6 +63,21 @@ fn report_through_a_symlink_writes_its_target() {
 }
 
 #[test]
+fn archive_through_a_symlink_writes_its_target() {
+    let server = FakeServer::start(FakeResponse::all_success);
+    let home = external_home(&server);
+    home.capture(3, "T");
+    home.now(&[]).0.expect(0);
+    std::fs::create_dir(home.path().join("archives")).unwrap();
+    let link = home.path().join("latest.jsonl.gz");
+    symlink("archives/a.jsonl.gz", &link).unwrap();
+    home.run(&["archive", "--out", link.to_str().unwrap()]).expect(0);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink is kept");
+    assert!(std::fs::metadata(home.path().join("archives/a.jsonl.gz")).unwrap().len() > 0);
+    assert_eq!(home.status()["event_journal"]["archived_event_count"], 3);
+}
+
+#[test]
 fn a_symlinked_config_stays_a_symlink() {
     let home = Home::new();
     let shared = home.path().join("dotfiles");
