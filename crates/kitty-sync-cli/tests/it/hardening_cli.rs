@@ -334,7 +334,8 @@ fn status_goes_on_and_is_not_ok_when_teamspace_needs_the_file() {
     assert_eq!(status["ok"], false);
     let warnings = status["target_authority"]["warnings"].to_string();
     assert!(warnings.contains("credentials") && warnings.contains("line 3"), "{warnings}");
-    home.run(&["status", "--check"]).expect(3);
+    let human = home.run(&["status", "--check"]).expect(3);
+    assert!(human.stdout.contains("missing_auth") && human.stdout.contains("line 3"), "{}", human.stdout);
     home.external("http://127.0.0.1:9/api/v1/events/batch/");
     let status = home.run(&["status", "--json"]).expect(0).json();
     assert_eq!(status["ok"], true, "external targets do not need credentials: {status:#}");
