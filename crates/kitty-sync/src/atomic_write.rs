@@ -20,25 +20,39 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(1);
 /// Replaces `path` with `bytes`. The new file gets `mode`, else the old file's mode, else
 /// 0600. Through a symlink, the link's final target is replaced and the link kept.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    write_atomically_with(path, mode, |file| file.write_all(bytes).map_err(|e| Error::io("cannot write", path, e)))
+}
+
+/// [`write_atomically`] for content produced by `write` (streamed into the temp file). When
+/// `write` fails, the temp file is removed and `path` is untouched.
+pub fn write_atomically_with<T>(
+    path: &Path,
+    mode: Option<u32>,
+    write: impl FnOnce(&mut File) -> Result<T>,
+) -> Result<T> {
     let target = resolve_destination(path)?;
-    let dir = parent_dir(&target);
     let keep_mode = fs::metadata(&target).ok().map(|m| permission_bits(&m));
     remove_leftovers(&target);
     let (tmp, mut file) = create_temp(&target).map_err(|e| Error::io("cannot write", path, e))?;
-    let result = (|| -> std::io::Result<()> {
-        file.write_all(bytes)?;
-        set_mode(&file, mode.or(keep_mode))?;
-        file.sync_all()?;
-        fs::rename(&tmp, &target)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
+    let result = write(&mut file).and_then(|value| {
+        commit(&file, &tmp, &target, mode.or(keep_mode)).map_err(|e| Error::io("cannot write", path, e))?;
+        Ok(value)
+    });
+    if result.is_err() {
         let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
+    }
+    result
+}
+
+/// Makes the written temp file durable and puts it in place of `target`.
+fn commit(file: &File, tmp: &Path, target: &Path, mode: Option<u32>) -> std::io::Result<()> {
+    set_mode(file, mode)?;
+    file.sync_all()?;
+    fs::rename(tmp, target)?;
+    if let Ok(dir) = File::open(parent_dir(target)) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// Checks, before any work is done, that [`write_atomically`] can later write `path`: its

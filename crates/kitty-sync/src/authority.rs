@@ -50,20 +50,6 @@ pub struct TargetAuthority {
     pub warnings: Vec<String>,
 }
 
-fn shown_url<S: serde::Serializer>(url: &str, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-    serializer.serialize_str(&redact_url(url))
-}
-
-fn shown_optional_url<S: serde::Serializer>(
-    url: &Option<String>,
-    serializer: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    match url {
-        Some(url) => shown_url(url, serializer),
-        None => serializer.serialize_none(),
-    }
-}
-
 /// `server|user|team` with the server part shown as [`redact_url`] shows it.
 pub fn redact_scope(scope: &str) -> String {
     let mut parts = scope.rsplitn(3, '|');
@@ -73,18 +59,33 @@ pub fn redact_scope(scope: &str) -> String {
     }
 }
 
-fn shown_scope<S: serde::Serializer>(scope: &str, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+type SerResult<S> = std::result::Result<<S as serde::Serializer>::Ok, <S as serde::Serializer>::Error>;
+
+fn shown_url<S: serde::Serializer>(url: &str, serializer: S) -> SerResult<S> {
+    serializer.serialize_str(&redact_url(url))
+}
+
+fn shown_scope<S: serde::Serializer>(scope: &str, serializer: S) -> SerResult<S> {
     serializer.serialize_str(&redact_scope(scope))
 }
 
-fn shown_optional_scope<S: serde::Serializer>(
-    scope: &Option<String>,
+fn shown_optional<S: serde::Serializer>(
+    text: &Option<String>,
+    show: fn(&str) -> String,
     serializer: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    match scope {
-        Some(scope) => shown_scope(scope, serializer),
+) -> SerResult<S> {
+    match text {
+        Some(text) => serializer.serialize_some(&show(text)),
         None => serializer.serialize_none(),
     }
+}
+
+fn shown_optional_url<S: serde::Serializer>(url: &Option<String>, serializer: S) -> SerResult<S> {
+    shown_optional(url, redact_url, serializer)
+}
+
+fn shown_optional_scope<S: serde::Serializer>(scope: &Option<String>, serializer: S) -> SerResult<S> {
+    shown_optional(scope, redact_scope, serializer)
 }
 
 /// Everything the resolver reads, gathered up front so resolution itself is pure.

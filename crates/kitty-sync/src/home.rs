@@ -105,12 +105,14 @@ impl Home {
     pub fn lock_credentials(&self) -> Result<fs::File> {
         self.ensure_sync_dir()?;
         let path = self.credentials_lock_path();
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io("cannot open the lock file", &path, e))?;
+        let mut options = fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(&path).map_err(|e| Error::io("cannot open the lock file", &path, e))?;
         let deadline = std::time::Instant::now() + CREDENTIALS_LOCK_WAIT;
         loop {
             match file.try_lock() {

@@ -63,6 +63,21 @@ fn report_through_a_symlink_writes_its_target() {
 }
 
 #[test]
+fn archive_through_a_symlink_writes_its_target() {
+    let server = FakeServer::start(FakeResponse::all_success);
+    let home = external_home(&server);
+    home.capture(3, "T");
+    home.now(&[]).0.expect(0);
+    std::fs::create_dir(home.path().join("archives")).unwrap();
+    let link = home.path().join("latest.jsonl.gz");
+    symlink("archives/a.jsonl.gz", &link).unwrap();
+    home.run(&["archive", "--out", link.to_str().unwrap()]).expect(0);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink is kept");
+    assert!(std::fs::metadata(home.path().join("archives/a.jsonl.gz")).unwrap().len() > 0);
+    assert_eq!(home.status()["event_journal"]["archived_event_count"], 3);
+}
+
+#[test]
 fn a_symlinked_config_stays_a_symlink() {
     let home = Home::new();
     let shared = home.path().join("dotfiles");
@@ -148,19 +163,25 @@ fn assert_no_secrets(run: &Run, secrets: &[&str]) {
     }
 }
 
+/// Another process rewriting `credentials` while our first batch (sent with `access-1`) is
+/// in flight.
+fn rewritten_during_first_batch(home: &Home, text: String) -> impl Fn(&FakeRequest) + Send + Sync + 'static {
+    let path = home.path().join("credentials");
+    move |request| {
+        if request.header("authorization") == Some("Bearer access-1") {
+            write_private(&path, &text);
+        }
+    }
+}
+
 #[test]
 fn refresh_sends_the_refresh_token_another_process_rotated_meanwhile() {
     let mut home = Home::new();
     let path = home.path().join("credentials");
     // spec-kitty refreshes while our first batch is in flight: it rotates the refresh token.
-    let rotate = path.clone();
     let server = teamspace_server(
         "access-3",
-        move |request| {
-            if request.header("authorization") == Some("Bearer access-1") {
-                write_private(&rotate, &credentials("access-1", "refresh-2", "2099-01-01T00:00:00Z"));
-            }
-        },
+        rewritten_during_first_batch(&home, credentials("access-1", "refresh-2", "2099-01-01T00:00:00Z")),
         |request| match refresh_body(request).as_str() {
             "refresh-2" => FakeResponse::json(200, &json!({"access": "access-3", "refresh": "refresh-3"})),
             _ => FakeResponse::json(401, &json!({"detail": "refresh token already used"})),
@@ -182,14 +203,9 @@ fn refresh_sends_the_refresh_token_another_process_rotated_meanwhile() {
 fn a_token_another_process_refreshed_is_used_without_refreshing_again() {
     let mut home = Home::new();
     let path = home.path().join("credentials");
-    let rotate = path.clone();
     let server = teamspace_server(
         "access-2",
-        move |request| {
-            if request.header("authorization") == Some("Bearer access-1") {
-                write_private(&rotate, &credentials("access-2", "refresh-2", "2099-01-01T00:00:00Z"));
-            }
-        },
+        rewritten_during_first_batch(&home, credentials("access-2", "refresh-2", "2099-01-01T00:00:00Z")),
         |_| FakeResponse::json(401, &json!({"detail": "must not be called"})),
     );
     teamspace_home(&mut home, &server, &credentials("access-1", "refresh-1", "2099-01-01T00:00:00Z"));
@@ -318,7 +334,8 @@ fn status_goes_on_and_is_not_ok_when_teamspace_needs_the_file() {
     assert_eq!(status["ok"], false);
     let warnings = status["target_authority"]["warnings"].to_string();
     assert!(warnings.contains("credentials") && warnings.contains("line 3"), "{warnings}");
-    home.run(&["status", "--check"]).expect(3);
+    let human = home.run(&["status", "--check"]).expect(3);
+    assert!(human.stdout.contains("missing_auth") && human.stdout.contains("line 3"), "{}", human.stdout);
     home.external("http://127.0.0.1:9/api/v1/events/batch/");
     let status = home.run(&["status", "--json"]).expect(0).json();
     assert_eq!(status["ok"], true, "external targets do not need credentials: {status:#}");

@@ -72,7 +72,7 @@ fn archive_round_trip_then_gc() {
     let leftovers: Vec<_> = std::fs::read_dir(h.dir.path())
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary archive file left behind");
     let j = h.status()["event_journal"].clone();

@@ -264,6 +264,8 @@ pub struct TeamspaceReceiver {
     refreshed: bool,
     /// A rotated token that could not be written back (reported by `finish`).
     unsaved: Option<Error>,
+    /// Why `credentials` could not be read, for the `missing_auth` gate's message.
+    unreadable: Option<String>,
     client: HttpClient,
 }
 
@@ -291,6 +293,10 @@ impl TeamspaceReceiver {
             credentials: credentials.credentials().cloned().unwrap_or_default(),
             refreshed: false,
             unsaved: None,
+            unreadable: match credentials {
+                CredentialsFile::Unreadable { message, .. } => Some(message.clone()),
+                _ => None,
+            },
             client,
         })
     }
@@ -442,7 +448,10 @@ impl Receiver for TeamspaceReceiver {
             Gate {
                 reason: "missing_auth",
                 satisfied: gates.auth_present,
-                message: format!("no usable Teamspace access token in {}", credentials_path.display()),
+                message: match &self.unreadable {
+                    Some(why) => format!("no usable Teamspace access token: {why}"),
+                    None => format!("no usable Teamspace access token in {}", credentials_path.display()),
+                },
                 hint: "log in with spec-kitty (`spec-kitty auth login`) so [tokens] access is present".into(),
             },
             Gate {

@@ -2,13 +2,13 @@
 //! them archived; `gc` removes payload bytes of events every known target has (or that were
 //! archived), keeping id, type, capture time, hash, size and all delivery history.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use serde::Serialize;
 
+use crate::atomic_write::write_atomically_with;
 use crate::delivery::target::{self, TargetIdentity};
 use crate::error::{Error, Result, StoreContext};
 use crate::home::Home;
@@ -153,38 +153,24 @@ fn default_archive_path(home: &Home) -> Result<PathBuf> {
     Ok(dir.join(format!("archive-{stamp}.jsonl.gz")))
 }
 
-/// Streams the archivable envelopes to `path` (via a temporary file, fsynced, renamed).
+/// Streams the archivable envelopes to `path`, through the one atomic-write path (a temp
+/// file, owner-only, fsynced, renamed; symlinks written through, non-regular files refused).
 fn write_archive(store: &Store, path: &Path, targets: i64, cutoff: i64, max_seq: i64) -> Result<(u64, i64)> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("archive")));
     let io = |e: std::io::Error| Error::io("cannot write the archive", path, e);
-    let file = File::create(&tmp).map_err(|e| Error::io("cannot create the archive", &tmp, e))?;
-    let mut gz = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
-    let mut stmt = store.conn().prepare(ARCHIVABLE).ctx("cannot read the journal")?;
-    let mut rows = stmt.query(params![targets, cutoff, max_seq]).ctx("cannot read the journal")?;
-    let (mut written, mut last_seq) = (0u64, 0i64);
-    while let Some(row) = rows.next().ctx("cannot read the journal")? {
-        let envelope: Vec<u8> = row.get(1).ctx("cannot read the journal")?;
-        gz.write_all(&envelope).and_then(|_| gz.write_all(b"\n")).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })?;
-        last_seq = row.get(0).ctx("cannot read the journal")?;
-        written += 1;
-    }
-    let finished = gz.finish().and_then(|w| w.into_inner().map_err(|e| e.into_error())).and_then(|f| {
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+    write_atomically_with(path, None, |file| {
+        let mut gz = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
+        let mut stmt = store.conn().prepare(ARCHIVABLE).ctx("cannot read the journal")?;
+        let mut rows = stmt.query(params![targets, cutoff, max_seq]).ctx("cannot read the journal")?;
+        let (mut written, mut last_seq) = (0u64, 0i64);
+        while let Some(row) = rows.next().ctx("cannot read the journal")? {
+            let envelope: Vec<u8> = row.get(1).ctx("cannot read the journal")?;
+            gz.write_all(&envelope).and_then(|_| gz.write_all(b"\n")).map_err(io)?;
+            last_seq = row.get(0).ctx("cannot read the journal")?;
+            written += 1;
         }
-        Ok(())
-    });
-    if let Err(e) = finished {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok((written, last_seq))
+        gz.finish().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(io)?;
+        Ok((written, last_seq))
+    })
 }
 
 /// Journal rows (by seq) covered per purge transaction. Every commit costs an fsync and a WAL
