@@ -76,3 +76,64 @@ fn odd_home_paths_work_for_every_command() {
         run(&["gc", "--dry-run"]).expect(0);
     }
 }
+
+/// `status` used to read the store with `immutable=1` whenever the WAL looked empty; a writer
+/// that then committed and checkpointed changed the file under it: "malformed" errors, or
+/// all-zero counts with exit 0. Here a writer (this process) captures and checkpoints
+/// (TRUNCATE) in a tight loop, reopening now and then so the WAL files also come and go,
+/// while `status --json` runs again and again: every run must succeed and see at least what
+/// the previous run saw.
+#[test]
+fn read_only_commands_beside_a_checkpointing_writer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    home.capture(20, "Seed");
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (failure, rounds, runs) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| checkpointing_writer(home.path(), &stop));
+        let (mut seen, mut runs, mut failure) = (0, 0, None);
+        while failure.is_none() && Instant::now() < deadline && !writer.is_finished() {
+            let run = home.run(&["status", "--json"]);
+            let count = serde_json::from_str::<serde_json::Value>(&run.stdout)
+                .ok()
+                .and_then(|s| s["event_journal"]["retained_event_count"].as_u64());
+            match count {
+                Some(count) if run.code == 0 && count >= seen.max(20) => seen = count,
+                _ => failure = Some(format!("run {runs} after {seen} events: {run:?}")),
+            }
+            runs += 1;
+        }
+        // Stopped before joining, so a failed run cannot leave the writer running forever.
+        stop.store(true, Ordering::Relaxed);
+        (failure, writer.join().unwrap(), runs)
+    });
+    assert_eq!(failure, None);
+    assert!(rounds > 20 && runs > 20, "too little concurrency to mean anything: {rounds} writes, {runs} reads");
+}
+
+/// Captures one event at a time through the engine and checkpoints after each, until `stop`.
+fn checkpointing_writer(home: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    use kitty_sync::event_journal::{CapturePolicy, Journal, NewEvent};
+    let home = kitty_sync::home::Home::at(home);
+    let config = home.load_config().unwrap();
+    let credentials = home.read_credentials();
+    let authority = kitty_sync::authority::TargetAuthority::for_home(&home, &config, &credentials).unwrap();
+    let policy = CapturePolicy::new(&config, &authority, credentials.credentials()).unwrap();
+    let mut rounds = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut store = kitty_sync::store::Store::open(&home).unwrap();
+        let checkpointer = rusqlite::Connection::open(home.store_path()).unwrap();
+        checkpointer.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        for _ in 0..25 {
+            let payload = serde_json::json!({ "pad": "x".repeat(3000), "round": rounds });
+            let event = NewEvent { event_type: "W".into(), payload: Some(payload), ..NewEvent::default() };
+            Journal::new(&mut store, policy.clone()).append(event).unwrap();
+            checkpointer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+            rounds += 1;
+        }
+    }
+    rounds
+}

@@ -2,6 +2,7 @@
 //! change together in one transaction. WAL so appends from other processes proceed while a
 //! drain reads; `synchronous=FULL` so an acknowledged commit survives a machine crash.
 
+mod read_only;
 pub mod schema;
 pub mod selection;
 pub mod stats;
@@ -31,8 +32,11 @@ enum Found {
 }
 
 pub struct Store {
+    // Declared before `_guard`: fields drop in order, and the connection must close before
+    // the lock that made reading it safe is released.
     conn: Connection,
     path: PathBuf,
+    _guard: Option<read_only::FileLock>,
 }
 
 impl Store {
@@ -45,7 +49,7 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&path, e))?;
-        let mut store = Store { conn, path };
+        let mut store = Store { conn, path, _guard: None };
         // Reads only: a file that is not (yet) known to be a kitty-sync store is refused
         // before anything (WAL mode, auto_vacuum, the version stamp) is written to it.
         store.identify()?;
@@ -62,17 +66,8 @@ impl Store {
             return Ok(None);
         }
         crate::error::disk::remember_store_dir(home.sync_dir().as_path());
-        // With no frames in the WAL (no file, or an empty one after a checkpoint) `immutable`
-        // reads the database without creating -wal/-shm: a read-only command creates no file
-        // and works on a read-only home. With frames present, read through the WAL.
-        let wal = sidecar(&path, "-wal");
-        let wal_has_frames = std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false);
-        let mode = if wal_has_frames { "mode=ro" } else { "immutable=1" };
-        let uri = uri::file_uri(&path, mode);
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| open_error(&path, e))?;
-        conn.busy_timeout(BUSY_TIMEOUT).ctx("cannot configure the store")?;
-        let store = Store { conn, path };
+        let opened = read_only::open(&path)?;
+        let store = Store { conn: opened.conn, path, _guard: opened.guard };
         match store.identify()? {
             Found::Empty => Ok(None),
             Found::Ours => Ok(Some(store)),
