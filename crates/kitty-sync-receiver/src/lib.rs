@@ -33,3 +33,6 @@ pub use routes::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
 pub use server::{RunningServer, ServeError, Server};
 pub use store::sqlite::SqliteStore;
 pub use store::{BatchRecord, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent};
+
+#[cfg(test)]
+mod fuzz;
