@@ -9,6 +9,7 @@ mod common;
 mod snapshot;
 
 mod config_cli;
+mod corrupt_store;
 mod delivery_concurrency;
 mod delivery_faults;
 mod delivery_reset;
