@@ -14,6 +14,7 @@ use std::process::Command;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::common::{Home, Receiver, Run, dump};
+use crate::migrate_cli::copy_tree;
 
 /// Free bytes left on the filesystem when the command starts: nothing, part of a page, a
 /// few pages, enough for some but not all of the work.
@@ -243,19 +244,6 @@ fn legacy_fixture() -> PathBuf {
         .map(|dir| dir.join("shared/fixtures/legacy-queues/public/home"))
         .find(|path| path.is_dir())
         .expect("shared/fixtures/legacy-queues is missing")
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 #[test]
