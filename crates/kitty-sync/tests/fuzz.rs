@@ -332,3 +332,22 @@ proptest! {
         prop_assert_eq!(event_count(&store) as u64, report.totals.imported);
     }
 }
+
+#[test]
+fn an_endless_line_is_refused_without_holding_it() {
+    use kitty_sync::event_journal::MAX_LINE_BYTES;
+    let (_dir, mut store) = new_store();
+    let good = r#"{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN16","event_type":"A"}"#;
+    let mut input = format!("{good}\n{{\"event_id\":\"").into_bytes();
+    input.resize(input.len() + MAX_LINE_BYTES + 10, b'x');
+    input.extend_from_slice(b"\"}\n");
+    input.extend_from_slice(br#"{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN17","event_type":"A"}"#);
+    let options = ImportOptions { default_type: None, skip_invalid: true };
+    let report = Journal::new(&mut store, CapturePolicy::default())
+        .import(&mut BufReader::new(Cursor::new(input)), &options, &mut |_| {})
+        .unwrap();
+    assert_eq!((report.captured, report.lines), (2, 3), "{report:?}");
+    assert_eq!(report.invalid.len(), 1);
+    assert_eq!(report.invalid[0].line, 2);
+    assert!(report.invalid[0].error.contains("line longer than"), "{}", report.invalid[0].error);
+}
