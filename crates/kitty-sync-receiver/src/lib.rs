@@ -39,3 +39,6 @@ pub use store::sqlite::SqliteStore;
 pub use store::{
     AnyStore, BatchRecord, EventRow, Ingested, NewEvent, ReceiverStore, StoreError, StoreStats, StoredEvent,
 };
+
+#[cfg(test)]
+mod fuzz;

@@ -14,6 +14,7 @@ use std::process::Command;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::common::{Home, Receiver, Run, dump};
+use crate::migrate_cli::copy_tree;
 
 /// Free bytes left on the filesystem when the command starts: nothing, part of a page, a
 /// few pages, enough for some but not all of the work.
@@ -67,6 +68,11 @@ impl SmallFs {
 
     fn free(&self) {
         let _ = fs::remove_file(self.filler());
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(self.path()).status().unwrap();
+        assert!(status.success(), "remount {mode}");
     }
 }
 
@@ -240,19 +246,6 @@ fn legacy_fixture() -> PathBuf {
         .expect("shared/fixtures/legacy-queues is missing")
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 #[test]
 fn migrate_on_a_full_disk() {
     // What migrating the fixture does with room to spare.
@@ -340,4 +333,21 @@ fn a_receiver_on_a_full_disk_answers_503_and_stores_nothing_half() {
     let conn = Connection::open(fs.path().join("r.db")).unwrap();
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
+}
+
+#[test]
+fn a_read_only_filesystem_is_named() {
+    let Some(fs) = SmallFs::mount("2m") else { return };
+    let home = Home::new_in(fs.path());
+    let kept = home.emit("Before", "{}");
+    fs.remount("ro");
+    for args in [&["emit", "--type", "A", "--payload", "{}"][..], &["now"], &["gc"]] {
+        let run = home.run(args);
+        assert_eq!(run.code, 1, "{args:?}: {}", run.stderr);
+        let hint = run.stderr.lines().find(|l| l.starts_with("hint:")).unwrap_or_default();
+        assert!(hint.contains("read-only filesystem") && hint.contains("remount"), "{args:?}: {}", run.stderr);
+    }
+    fs.remount("rw");
+    home.emit("After", "{}");
+    assert!(sound_store_ids(&home).contains(&kept));
 }

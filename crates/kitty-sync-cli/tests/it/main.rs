@@ -10,6 +10,7 @@ mod snapshot;
 
 mod bounds_cli;
 mod config_cli;
+mod corrupt_store;
 mod delivery_concurrency;
 mod delivery_faults;
 mod delivery_reset;
@@ -23,6 +24,7 @@ mod inspect_cli;
 mod migrate_cli;
 mod migrate_python;
 mod receiver_cli;
+mod receiver_crash;
 mod retention_cli;
 mod status_cli;
 mod store_cli;

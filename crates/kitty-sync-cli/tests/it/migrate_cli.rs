@@ -13,7 +13,7 @@ fn fixture_home_dir() -> PathBuf {
     crate::common::shared_fixtures().join("legacy-queues/public/home")
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for entry in fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();

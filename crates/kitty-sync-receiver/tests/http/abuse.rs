@@ -233,3 +233,38 @@ fn a_full_server_of_stalled_uploads_still_takes_new_clients() {
     keep_posting(&receiver, 1, Duration::from_millis(300));
     drop(stalled);
 }
+
+#[test]
+fn garbage_on_the_wire_never_stops_the_server() {
+    let receiver = Receiver::start(Backend::Sqlite, tight_limits(64));
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let starts: [&[u8]; 5] = [
+        b"",
+        b"POST /api/v1/events/batch/ HTTP/1.1\r\n",
+        b"POST /api/v1/events/batch/ HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"POST /api/v1/events/batch/ HTTP/1.1\r\ncontent-encoding: gzip\r\ncontent-length: 40\r\n\r\n\x1f\x8b",
+        b"GET /api/v1/events/?after=",
+    ];
+    for round in 0..150 {
+        let mut bytes = starts[round % starts.len()].to_vec();
+        let len = (next() % 600) as usize;
+        bytes.extend((0..len).map(|_| next() as u8));
+        let mut stream = connect(receiver.addr());
+        let _ = stream.write_all(&bytes);
+        // Half the time hang up at once, half the time wait for whatever answer comes.
+        if round % 2 == 0 {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let _ = closed_within(&mut stream, Duration::from_secs(3));
+        }
+        if round % 25 == 0 {
+            honest_health(&receiver);
+        }
+    }
+    honest_batch(&receiver, 1);
+}

@@ -67,7 +67,7 @@ pub(super) fn run(
     let mut seen = ImportProgress::default();
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
+        let (n, whole) = read_line(reader, &mut buf).map_err(|e| {
             Error::usage(
                 format!("cannot read the input after line {}: {e}", seen.lines),
                 "check that the file is complete (a .gz file must be a whole gzip stream) and readable",
@@ -78,6 +78,11 @@ pub(super) fn run(
         }
         seen.lines += 1;
         seen.bytes += n as u64;
+        if !whole {
+            let error = format!("line longer than {MAX_LINE_BYTES} bytes (no event can be that large)");
+            report.invalid.push(LineError { line: seen.lines, error });
+            continue;
+        }
         let line = trim_line(&buf, seen.lines == 1);
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -108,6 +113,33 @@ pub(super) fn run(
         report.dropped = 0;
     }
     Ok(report)
+}
+
+/// The longest line an import holds in memory: twice the built-in receiver's default body
+/// limit, so no deliverable event is refused, while a hostile file without line breaks cannot
+/// take all memory.
+pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads one line into `buf`, at most [`MAX_LINE_BYTES`] of it; the rest of a longer line is
+/// read and dropped. Returns the bytes consumed (0 at the end) and whether `buf` holds the
+/// whole line.
+fn read_line(reader: &mut dyn std::io::BufRead, buf: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+    use std::io::{BufRead, Read};
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let mut consumed = (&mut *reader).take(limit).read_until(b'\n', buf)?;
+    if buf.len() <= MAX_LINE_BYTES || buf.ends_with(b"\n") {
+        return Ok((consumed, true));
+    }
+    buf.clear();
+    let mut rest = Vec::new();
+    loop {
+        rest.clear();
+        let n = (&mut *reader).take(64 * 1024).read_until(b'\n', &mut rest)?;
+        consumed += n;
+        if n == 0 || rest.ends_with(b"\n") {
+            return Ok((consumed, false));
+        }
+    }
 }
 
 /// Removes the line ending (and a UTF-8 byte-order mark on the first line).

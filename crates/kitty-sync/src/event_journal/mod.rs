@@ -13,7 +13,7 @@ use crate::envelope::{self, canonical_json};
 use crate::error::{Error, Result, StoreContext};
 use crate::store::Store;
 
-pub use import::{ImportOptions, ImportProgress, ImportReport, LineError};
+pub use import::{ImportOptions, ImportProgress, ImportReport, LineError, MAX_LINE_BYTES};
 pub use policy::{BlockedReason, CapturePolicy, TeamspaceGates};
 
 /// The envelope schema version sent to Teamspace-compatible receivers.

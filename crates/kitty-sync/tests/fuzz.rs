@@ -1,0 +1,353 @@
+//! Bounded fuzzing of every engine parser that reads outside bytes, as property tests: JSON
+//! Lines import (plain and gzip), the wire-response mapping, `config.toml` and `credentials`,
+//! and the legacy queue reader on damaged copies of real queue files.
+//!
+//! `KITTY_SYNC_FUZZ_CASES=N` sets the cases per property (default small, so CI stays fast);
+//! a long run is `KITTY_SYNC_FUZZ_CASES=200000 cargo test -p kitty-sync --test fuzz --release`.
+//! Properties: no panic, bounded time and memory, a clear error naming what is wrong, and
+//! for importers nothing partially imported from a source reported as failed.
+
+use std::fs;
+use std::io::{BufReader, Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
+use kitty_sync::delivery::wire::{self, HttpReply, Verdict};
+use kitty_sync::event_journal::{CapturePolicy, ImportOptions, Journal};
+use kitty_sync::home::{Config, Credentials, Home};
+use kitty_sync::legacy::{self, MigrateOptions};
+use kitty_sync::store::Store;
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
+
+fn cases(default: u32) -> ProptestConfig {
+    let cases = std::env::var("KITTY_SYNC_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&Home::at(dir.path())).unwrap();
+    (dir, store)
+}
+
+fn event_count(store: &Store) -> i64 {
+    store.conn().query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap()
+}
+
+/// A line that is valid, almost valid, or noise.
+fn jsonl_line() -> impl Strategy<Value = Vec<u8>> {
+    let id = "[0-7][0-9A-HJKMNP-TV-Z]{25}";
+    prop_oneof![
+        (id, "[A-Za-z]{1,8}").prop_map(|(id, t)| format!(r#"{{"event_id":"{id}","event_type":"{t}"}}"#).into_bytes()),
+        (id, 0usize..300).prop_map(|(id, depth)| {
+            format!(r#"{{"event_id":"{id}","event_type":"Deep","p":{}{}}}"#, "[".repeat(depth), "]".repeat(depth))
+                .into_bytes()
+        }),
+        "[ -~]{0,60}".prop_map(String::into_bytes),
+        prop::collection::vec(any::<u8>(), 0..80),
+        Just(b"\xef\xbb\xbf{}".to_vec()),
+        Just(b"{\"event_id\":\"\xff\xfe\"}".to_vec()),
+    ]
+}
+
+fn jsonl_file() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec((jsonl_line(), prop_oneof![Just(&b"\n"[..]), Just(&b"\r\n"[..]), Just(&b""[..])]), 0..12)
+        .prop_map(|lines| {
+            lines.into_iter().flat_map(|(line, end)| line.into_iter().chain(end.iter().copied())).collect()
+        })
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Imports `input` into a fresh store and checks the all-or-nothing rules.
+fn check_import(input: &mut dyn std::io::BufRead, skip_invalid: bool) -> Result<(), TestCaseError> {
+    let (_dir, mut store) = new_store();
+    let options = ImportOptions { default_type: None, skip_invalid };
+    let result = Journal::new(&mut store, CapturePolicy::default()).import(input, &options, &mut |_| {});
+    let stored = event_count(&store);
+    match result {
+        Ok(report) if report.committed => {
+            prop_assert_eq!(stored as u64, report.captured, "{:?}", report);
+            for invalid in &report.invalid {
+                prop_assert!(!invalid.error.is_empty());
+            }
+        }
+        Ok(report) => {
+            prop_assert_eq!(stored, 0, "a rolled-back import left events: {:?}", report);
+            prop_assert!(!report.invalid.is_empty());
+        }
+        Err(error) => {
+            prop_assert_eq!(stored, 0, "a failed import left events: {}", error);
+            prop_assert!(!error.to_string().is_empty() && !error.hint().is_empty());
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(cases(64))]
+
+    #[test]
+    fn jsonl_import_of_any_bytes(input in jsonl_file(), skip in any::<bool>()) {
+        check_import(&mut Cursor::new(input), skip)?;
+    }
+
+    #[test]
+    fn jsonl_import_of_damaged_gzip(input in jsonl_file(), cut in any::<prop::sample::Index>(), flip in any::<(prop::sample::Index, u8)>(), damage in 0u8..3) {
+        let mut gz = gzip(&input);
+        match damage {
+            0 => gz.truncate(cut.index(gz.len())),
+            1 => { let at = flip.0.index(gz.len()); gz[at] ^= flip.1 | 1; }
+            _ => {}
+        }
+        let reader = flate2::bufread::MultiGzDecoder::new(Cursor::new(gz));
+        check_import(&mut BufReader::new(reader), false)?;
+    }
+
+    #[test]
+    fn wire_mapping_of_any_reply(
+        status in prop_oneof![100u16..600, any::<u16>()],
+        body in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            reply_json().prop_map(String::into_bytes),
+        ],
+        retry_after in "[ -~]{0,12}",
+        n in 0usize..5,
+    ) {
+        let ids: Vec<String> = (0..n).map(|i| format!("01KVYWRGJEV7CEZW6J7GXEBN1{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let retry_after = wire::parse_retry_after(&retry_after);
+        let reply = HttpReply { status, body, retry_after };
+        match wire::map_reply(&ids, &reply) {
+            Verdict::PerEvent(outcomes) => {
+                prop_assert!((200..300).contains(&status));
+                prop_assert_eq!(outcomes.len(), ids.len());
+            }
+            Verdict::AuthFailed { .. } => prop_assert!(status == 401 || status == 403),
+            Verdict::Transient { error, .. } | Verdict::TooLarge { error } | Verdict::RejectAll { error }
+            | Verdict::BadRequest { error, .. } => prop_assert!(!error.is_empty()),
+        }
+    }
+
+    #[test]
+    fn retry_after_of_any_text(text in "\\PC{0,30}") {
+        if let Some(delay) = wire::parse_retry_after(&text) {
+            prop_assert!(text.trim().chars().all(|c| c.is_ascii_digit()));
+            prop_assert!(delay >= Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn config_and_credentials_of_any_text(text in prop_oneof![
+        toml_like(),
+        prop::collection::vec(any::<u8>(), 0..120).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+    ], raw in prop::collection::vec(any::<u8>(), 0..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("config.toml", text.as_bytes()), ("credentials", text.as_bytes()), ("raw", &raw[..])] {
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            if let Err(error) = Config::load(&path) {
+                prop_assert!(error.to_string().contains(&path.display().to_string()), "{}", error);
+                prop_assert!(!error.hint().is_empty());
+            } else if let Ok(config) = Config::load(&path) {
+                let _ = config.mode();
+            }
+            if let Err(error) = Credentials::load(&path) {
+                prop_assert!(error.to_string().contains(&path.display().to_string()), "{}", error);
+                prop_assert!(!error.hint().is_empty());
+            }
+        }
+    }
+}
+
+fn reply_json() -> impl Strategy<Value = String> {
+    let status =
+        prop_oneof![Just("success"), Just("duplicate"), Just("rejected"), Just("pending"), Just("weird"), Just("")];
+    let entry = (0usize..6, status, "[ -~&&[^\"\\\\]]{0,20}")
+        .prop_map(|(i, s, e)| format!(r#"{{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN1{i}","status":"{s}","error":"{e}"}}"#));
+    prop_oneof![
+        prop::collection::vec(entry.clone(), 0..6).prop_map(|r| format!(r#"{{"results":[{}]}}"#, r.join(","))),
+        prop::collection::vec(entry, 0..4)
+            .prop_map(|r| format!(r#"{{"error":"too large?","details":{:?}}}"#, format!("[{}]", r.join(",")))),
+        Just(r#"{"details":[{"event_id":5}]}"#.to_string()),
+        Just(r#"{"results":{}}"#.to_string()),
+        Just("[]".to_string()),
+    ]
+}
+
+fn toml_like() -> impl Strategy<Value = String> {
+    let key = prop_oneof![
+        Just("mode"),
+        Just("server_url"),
+        Just("url"),
+        Just("access"),
+        Just("local_only_types"),
+        Just("username")
+    ];
+    let value = prop_oneof![
+        "\"[ -~&&[^\"\\\\]]{0,20}\"".prop_map(|s| s.to_string()),
+        Just("[\"a\", 1]".to_string()),
+        Just("{ x = 1 }".to_string()),
+        Just("1979-05-27T07:32:00Z".to_string()),
+        "[0-9]{1,30}".prop_map(|s| s.to_string()),
+        Just("\"\\uD800\"".to_string()),
+    ];
+    let section = prop_oneof![
+        Just("[sync]"),
+        Just("[event_sync]"),
+        Just("[tokens]"),
+        Just("[user]"),
+        Just("[server]"),
+        Just("[[x]]")
+    ];
+    prop::collection::vec((section, prop::collection::vec((key, value), 0..4)), 0..4).prop_map(|sections| {
+        sections
+            .into_iter()
+            .map(|(s, pairs)| {
+                let body: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                format!("{s}\n{}\n", body.join("\n"))
+            })
+            .collect()
+    })
+}
+
+/// The shared fixture, found above the workspace (worktrees sit one level deeper than main).
+fn legacy_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join("shared/fixtures/legacy-queues/public/home"))
+        .find(|path| path.is_dir())
+        .expect("shared/fixtures/legacy-queues is missing")
+}
+
+fn copy_fixture(to: &Path) -> Vec<PathBuf> {
+    let from = legacy_fixture();
+    fs::create_dir_all(to.join("queues")).unwrap();
+    let mut queues = Vec::new();
+    for name in ["queue.db", "active_queue_scope"] {
+        fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+    queues.push(to.join("queue.db"));
+    for entry in fs::read_dir(from.join("queues")).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join("queues").join(entry.file_name());
+        fs::copy(entry.path(), &target).unwrap();
+        queues.push(target);
+    }
+    for queue in &queues {
+        let mut permissions = fs::metadata(queue).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        permissions.set_readonly(false);
+        fs::set_permissions(queue, permissions).unwrap();
+    }
+    queues.sort();
+    queues
+}
+
+#[derive(Debug, Clone)]
+enum Damage {
+    /// XOR bytes at these positions (taken modulo the file length).
+    Flip(Vec<(prop::sample::Index, u8)>),
+    /// Cut the file at a page boundary (4096-byte pages) or anywhere.
+    Truncate(prop::sample::Index, bool),
+    /// Overwrite one whole page with noise.
+    Page(prop::sample::Index, u8),
+}
+
+fn damage() -> impl Strategy<Value = Damage> {
+    prop_oneof![
+        prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..8).prop_map(Damage::Flip),
+        (any::<prop::sample::Index>(), any::<bool>()).prop_map(|(i, page)| Damage::Truncate(i, page)),
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Page(i, b)),
+    ]
+}
+
+fn apply(path: &Path, damage: &Damage) {
+    let mut bytes = fs::read(path).unwrap();
+    if bytes.is_empty() {
+        return;
+    }
+    match damage {
+        Damage::Flip(flips) => {
+            for (at, mask) in flips {
+                let at = at.index(bytes.len());
+                bytes[at] ^= mask;
+            }
+        }
+        Damage::Truncate(at, page) => {
+            let cut = at.index(bytes.len());
+            bytes.truncate(if *page { cut / 4096 * 4096 } else { cut });
+        }
+        Damage::Page(at, fill) => {
+            let page = at.index(bytes.len().div_ceil(4096)) * 4096;
+            let end = (page + 4096).min(bytes.len());
+            bytes[page..end].iter_mut().enumerate().for_each(|(i, b)| *b = fill.wrapping_add(i as u8));
+        }
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+proptest! {
+    #![proptest_config(cases(12))]
+
+    #[test]
+    fn legacy_queues_damaged_at_random(which in any::<prop::sample::Index>(), damage in damage()) {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let queues = copy_fixture(dir.path());
+        apply(&queues[which.index(queues.len())], &damage);
+        let authority = TargetAuthority::resolve(&AuthorityInputs::default());
+        let report = legacy::migrate(&home, &authority, &MigrateOptions::default(), &mut |_| {});
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => {
+                prop_assert!(!error.hint().is_empty(), "{}", error);
+                return Ok(());
+            }
+        };
+        let Some(store) = Store::open_read_only(&home).unwrap() else { return Ok(()) };
+        let provenance = |source: &str| -> i64 {
+            store
+                .conn()
+                .query_row("SELECT count(*) FROM migration_provenance WHERE source = ?1", [source], |r| r.get(0))
+                .unwrap()
+        };
+        for source in &report.sources {
+            if let Some(error) = &source.error {
+                prop_assert!(!error.is_empty());
+                prop_assert_eq!(source.imported, 0, "{} failed but imported rows", source.path);
+                prop_assert_eq!(provenance(&source.source), 0, "{} failed but left rows", source.path);
+            }
+        }
+        let integrity: String = store.conn().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        prop_assert_eq!(integrity, "ok");
+        prop_assert_eq!(event_count(&store) as u64, report.totals.imported);
+    }
+}
+
+#[test]
+fn an_endless_line_is_refused_without_holding_it() {
+    use kitty_sync::event_journal::MAX_LINE_BYTES;
+    let (_dir, mut store) = new_store();
+    let good = r#"{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN16","event_type":"A"}"#;
+    let mut input = format!("{good}\n{{\"event_id\":\"").into_bytes();
+    input.resize(input.len() + MAX_LINE_BYTES + 10, b'x');
+    input.extend_from_slice(b"\"}\n");
+    input.extend_from_slice(br#"{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN17","event_type":"A"}"#);
+    let options = ImportOptions { default_type: None, skip_invalid: true };
+    let report = Journal::new(&mut store, CapturePolicy::default())
+        .import(&mut BufReader::new(Cursor::new(input)), &options, &mut |_| {})
+        .unwrap();
+    assert_eq!((report.captured, report.lines), (2, 3), "{report:?}");
+    assert_eq!(report.invalid.len(), 1);
+    assert_eq!(report.invalid[0].line, 2);
+    assert!(report.invalid[0].error.contains("line longer than"), "{}", report.invalid[0].error);
+}
