@@ -19,5 +19,6 @@ mod errors_cli;
 mod inspect_cli;
 mod migrate_cli;
 mod receiver_cli;
+mod receiver_pg;
 mod retention_cli;
 mod status_cli;
