@@ -25,6 +25,7 @@ mod migrate_cli;
 mod migrate_python;
 mod receiver_cli;
 mod receiver_crash;
+mod receiver_pg;
 mod retention_cli;
 mod status_cli;
 mod store_cli;

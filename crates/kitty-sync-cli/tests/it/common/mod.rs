@@ -276,8 +276,8 @@ impl Receiver {
     fn try_start(db: &Path, bind: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Receiver, String> {
         let mut command = bin();
         command
-            .args(["receiver", "serve", "--bind", bind, "--db"])
-            .arg(db)
+            .args(["receiver", "serve", "--bind", bind])
+            .args(store_args(db))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -391,7 +391,7 @@ pub fn dump(db: &Path) -> Dump {
         event_id: String,
         envelope: Box<RawValue>,
     }
-    let run = Run::from(bin().args(["receiver", "dump", "--json", "--db"]).arg(db).output().unwrap()).expect(0);
+    let run = Run::from(bin().args(["receiver", "dump", "--json"]).args(store_args(db)).output().unwrap()).expect(0);
     let json: Value = run.json();
     let raw: Raw = serde_json::from_str(&run.stdout).unwrap();
     Dump {
@@ -399,6 +399,15 @@ pub fn dump(db: &Path) -> Dump {
         batch_requests: json["batch_requests"].as_u64().unwrap(),
         envelopes: raw.events.into_iter().map(|e| (e.event_id, e.envelope.get().to_string())).collect(),
         json,
+    }
+}
+
+/// `--db PATH`, or `--store URL` when the "path" is a `postgres://` URL (the PostgreSQL tests
+/// use the same helpers).
+fn store_args(db: &Path) -> Vec<std::ffi::OsString> {
+    match db.to_str() {
+        Some(url) if url.starts_with("postgres://") => vec!["--store".into(), url.into()],
+        _ => vec!["--db".into(), db.into()],
     }
 }
 
