@@ -14,6 +14,8 @@ pub mod legacy;
 pub mod mode;
 pub mod status;
 pub mod store;
+pub mod tail;
 pub mod target_url;
+pub mod watch;
 
 pub use error::{Error, ExitClass, Result};

@@ -1,3 +1,4 @@
+pub mod completions;
 pub mod demo;
 pub mod emit;
 pub mod inspect;
@@ -8,6 +9,7 @@ pub mod retention;
 pub mod retry;
 pub mod server;
 pub mod status;
+pub mod tail;
 pub mod target;
 
 use std::path::Path;

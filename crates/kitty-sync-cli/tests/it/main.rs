@@ -8,6 +8,7 @@ mod capture_support;
 mod common;
 mod snapshot;
 
+mod completions_cli;
 mod config_cli;
 mod delivery_concurrency;
 mod delivery_faults;
@@ -21,3 +22,4 @@ mod migrate_cli;
 mod receiver_cli;
 mod retention_cli;
 mod status_cli;
+mod tail_cli;
