@@ -61,6 +61,9 @@ enum Command {
     Gc(cmd::retention::GcArgs),
     /// Import spec-kitty's legacy offline queues (read-only) into the journal
     Migrate(cmd::migrate::MigrateArgs),
+    /// Named targets delivered beside the mode's own (list, add, remove, enable, disable)
+    #[command(subcommand)]
+    Target(cmd::targets::TargetCommand),
     /// Print stored events as JSON Lines in capture order (--follow for new captures)
     Tail(cmd::tail::TailArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Archive(args) => cmd::retention::archive(args, cli.home.as_deref(), &printer),
         Command::Gc(args) => cmd::retention::gc(args, cli.home.as_deref(), &printer),
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
+        Command::Target(command) => cmd::targets::run(command, cli.home.as_deref(), &printer),
         Command::Tail(args) => cmd::tail::run(args, cli.home.as_deref(), &printer),
         Command::Completions(args) => cmd::completions::completions(args, Cli::command()),
         Command::Man => cmd::completions::man(Cli::command()),

@@ -15,7 +15,9 @@ pub mod mode;
 pub mod status;
 pub mod store;
 pub mod tail;
+pub mod target_report;
 pub mod target_url;
+pub mod targets_config;
 pub mod watch;
 
 pub use error::{Error, ExitClass, Result};

@@ -11,6 +11,7 @@ pub mod server;
 pub mod status;
 pub mod tail;
 pub mod target;
+pub mod targets;
 
 use std::path::Path;
 

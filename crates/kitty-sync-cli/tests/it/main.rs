@@ -23,3 +23,4 @@ mod receiver_cli;
 mod retention_cli;
 mod status_cli;
 mod tail_cli;
+mod targets_cli;
