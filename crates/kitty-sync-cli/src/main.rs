@@ -66,6 +66,8 @@ enum Command {
     Target(cmd::targets::TargetCommand),
     /// Print stored events as JSON Lines in capture order (--follow for new captures)
     Tail(cmd::tail::TailArgs),
+    /// Check the home, store, config, credentials, targets and daemon (changes nothing)
+    Doctor,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions(cmd::completions::CompletionsArgs),
     /// Print the man page (roff)
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
         Command::Target(command) => cmd::targets::run(command, cli.home.as_deref(), &printer),
         Command::Tail(args) => cmd::tail::run(args, cli.home.as_deref(), &printer),
+        Command::Doctor => cmd::doctor::run(cli.home.as_deref(), &printer),
         Command::Completions(args) => cmd::completions::completions(args, Cli::command()),
         Command::Man => cmd::completions::man(Cli::command()),
         Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| 0),

@@ -5,6 +5,7 @@ pub mod authority;
 mod canonical_json;
 pub mod clock;
 pub mod delivery;
+pub mod doctor;
 pub mod envelope;
 pub mod error;
 pub mod event_journal;

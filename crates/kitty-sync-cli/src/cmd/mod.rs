@@ -1,5 +1,6 @@
 pub mod completions;
 pub mod demo;
+pub mod doctor;
 pub mod emit;
 pub mod inspect;
 pub mod migrate;

@@ -15,6 +15,7 @@ mod delivery_faults;
 mod delivery_reset;
 mod delivery_story;
 mod delivery_teamspace;
+mod doctor_cli;
 mod emit_cli;
 mod errors_cli;
 mod inspect_cli;
