@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
+use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 
 use crate::home::{Home, STORE_FILE, SYNC_DIR};
@@ -108,8 +109,12 @@ impl StoreWatcher {
 fn new_watcher(tx: Sender<Wake>) -> Option<notify::RecommendedWatcher> {
     notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        // Opens and reads (ours included) are no news; lock files and `-shm` are not captures.
-        if matches!(event.kind, EventKind::Access(_)) || !event.paths.iter().any(|p| is_store_path(p)) {
+        // Opens, closes and metadata changes are no news: every read opens the WAL, and SQLite
+        // (running as root) fchown()s it, so reacting to those would wake us by our own reads.
+        // Lock files and `-shm` are not captures either.
+        let news = matches!(event.kind, EventKind::Create(_) | EventKind::Remove(_))
+            || matches!(event.kind, EventKind::Modify(kind) if !matches!(kind, ModifyKind::Metadata(_)));
+        if !news || !event.paths.iter().any(|p| is_store_path(p)) {
             return;
         }
         let _ = tx.send(Wake::Changed);

@@ -170,3 +170,35 @@ fn follow_exits_quietly_when_its_reader_goes_away() {
     assert_eq!(run.code, 0);
     assert!(run.stderr.is_empty(), "{}", run.stderr);
 }
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_follower_does_not_wake_itself() {
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    home.capture(2, "A");
+    home.emit("B", "{}");
+    let (child, lines) = follow(&home, &[]);
+    for _ in 0..3 {
+        lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    // A capture wakes it; then it has nothing to do.
+    home.emit("C", "{}");
+    lines.recv_timeout(Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(child.id()) - before;
+    // Its own reads open the WAL (and, as root, SQLite chowns it): were those taken as news,
+    // the follower would read in a loop and burn a core.
+    assert!(used <= 5, "an idle tail --follow used {used} ticks of CPU in 2 s");
+    terminate(&child);
+    assert_eq!(finish(child, Duration::from_secs(5)).code, 0);
+}
