@@ -259,7 +259,12 @@ fn targets_array<'d>(
     if !create && doc.get("event_sync").is_none() {
         return Ok(None);
     }
-    let event_sync = doc.entry("event_sync").or_insert_with(toml_edit::table);
+    // Implicit: a file without `[event_sync]` gets only the `[[event_sync.targets]]` headers.
+    let event_sync = doc.entry("event_sync").or_insert_with(|| {
+        let mut table = toml_edit::Table::new();
+        table.set_implicit(true);
+        toml_edit::Item::Table(table)
+    });
     let event_sync = event_sync.as_table_like_mut().ok_or_else(|| {
         Error::usage(
             format!("{}: `event_sync` is not a table", path.display()),
