@@ -10,7 +10,7 @@ mod receiver_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::exit_status::ExitStatus;
 use crate::output::Printer;
@@ -64,6 +64,17 @@ enum Command {
     Gc(cmd::retention::GcArgs),
     /// Import spec-kitty's legacy offline queues (read-only) into the journal
     Migrate(cmd::migrate::MigrateArgs),
+    /// Named targets delivered beside the mode's own (list, add, remove, enable, disable)
+    #[command(subcommand)]
+    Target(cmd::targets::TargetCommand),
+    /// Print stored events as JSON Lines in capture order (--follow for new captures)
+    Tail(cmd::tail::TailArgs),
+    /// Check the home, store, config, credentials, targets and daemon (changes nothing)
+    Doctor,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(cmd::completions::CompletionsArgs),
+    /// Print the man page (roff)
+    Man,
     /// The built-in batch-protocol receiver (serve, dump)
     #[command(subcommand)]
     Receiver(receiver_cmd::ReceiverCommand),
@@ -87,6 +98,11 @@ fn main() -> ExitCode {
         Command::Archive(args) => cmd::retention::archive(args, cli.home.as_deref(), &printer),
         Command::Gc(args) => cmd::retention::gc(args, cli.home.as_deref(), &printer),
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
+        Command::Target(command) => cmd::targets::run(command, cli.home.as_deref(), &printer),
+        Command::Tail(args) => cmd::tail::run(args, cli.home.as_deref(), &printer),
+        Command::Doctor => cmd::doctor::run(cli.home.as_deref(), &printer),
+        Command::Completions(args) => cmd::completions::completions(args, Cli::command()),
+        Command::Man => cmd::completions::man(Cli::command()),
         Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| ExitStatus::Success),
     };
     result.unwrap_or_else(|err| printer.error(&err)).into()

@@ -187,6 +187,8 @@ pub struct Config {
     pub external_endpoint: Option<String>,
     pub external_token_env: Option<String>,
     pub local_only_types: Vec<String>,
+    /// `[[event_sync.targets]]` (contract §9).
+    pub named_targets: crate::targets_config::NamedTargets,
 }
 
 impl Config {
@@ -208,6 +210,7 @@ impl Config {
             external_endpoint: string_at(&table, "event_sync", "external_endpoint").map(str::to_string),
             external_token_env: string_at(&table, "event_sync", "external_token_env").map(str::to_string),
             local_only_types,
+            named_targets: crate::targets_config::NamedTargets::parse(&table, path),
         })
     }
 

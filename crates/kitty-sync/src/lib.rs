@@ -6,6 +6,7 @@ pub mod authority;
 mod canonical_json;
 pub mod clock;
 pub mod delivery;
+pub mod doctor;
 pub mod envelope;
 pub mod error;
 pub mod event_journal;
@@ -15,6 +16,10 @@ pub mod legacy;
 pub mod mode;
 pub mod status;
 pub mod store;
+pub mod tail;
+pub mod target_report;
 pub mod target_url;
+pub mod targets_config;
+pub mod watch;
 
 pub use error::{Error, ExitClass, Result};

@@ -1,4 +1,6 @@
+pub mod completions;
 pub mod demo;
+pub mod doctor;
 pub mod emit;
 pub mod inspect;
 pub mod migrate;
@@ -8,7 +10,9 @@ pub mod retention;
 pub mod retry;
 pub mod server;
 pub mod status;
+pub mod tail;
 pub mod target;
+pub mod targets;
 
 use std::path::Path;
 

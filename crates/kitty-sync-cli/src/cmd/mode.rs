@@ -47,7 +47,7 @@ pub fn run(args: ModeArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
         None => None,
     };
     if let Some(var) = &args.token_env {
-        validate_env_name(var)?;
+        kitty_sync::targets_config::validate_env_name(var)?;
     }
     if mode == EventSyncMode::ExternalReceiver {
         let effective = endpoint.clone().or_else(|| ctx.config.external_endpoint.clone());
@@ -126,20 +126,4 @@ fn show(ctx: &Context, printer: &Printer) -> Result<()> {
         printer.line(format!("{:<20} {}", "local-only types", report.local_only_types.join(", ")));
     }
     Ok(())
-}
-
-fn validate_env_name(var: &str) -> Result<()> {
-    let mut chars = var.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        // The value is not echoed: what was passed may be the token itself.
-        Err(Error::usage(
-            "invalid --token-env: not an environment variable name (the value is not shown)",
-            "pass the variable's NAME (e.g. --token-env RECEIVER_TOKEN), never the token itself",
-        )
-        .into())
-    }
 }
