@@ -90,7 +90,8 @@ pub enum StopReason {
     Auth { error: String },
 }
 
-/// The outcome of one drain, as counts of final per-event outcomes.
+/// The outcome of one drain, as counts of final per-event outcomes. `pending` also counts
+/// the selected events a stopped drain left unsent, so the counts always add up to `selected`.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainSummary {
     pub target: TargetSummary,
@@ -135,6 +136,10 @@ impl DrainSummary {
         self.stop.is_none() && self.delivered + self.duplicate == self.selected
     }
 
+    /// The sum of the outcome counts (equal to `selected` after every drain).
+    pub fn counted(&self) -> u64 {
+        self.delivered + self.duplicate + self.pending + self.rejected + self.transient + self.terminal_failed
+    }
 }
 
 /// Failures kept in the summary (the counts stay exact beyond it).
@@ -325,6 +330,11 @@ impl TargetRun {
                 error: error.map(str::to_string),
             });
         }
+    }
+
+    /// Selected events that were never sent because the drain stopped first.
+    fn count_unsent(&mut self, events: &[DueEvent]) {
+        self.summary.pending += events.len() as u64;
     }
 
     /// Moves the stored high-water mark; compare-and-set against the mark the drain started
@@ -548,9 +558,12 @@ impl Run<'_, '_> {
         }
     }
 
+    /// Sends each half on its own. When the first half stops the drain, the second is left
+    /// unsent and counted as pending.
     fn deliver_halves(&mut self, batch: &[DueEvent]) -> Result<Option<StopReason>> {
         let (left, right) = batch.split_at(batch.len() / 2);
         if let Some(stop) = self.deliver(left, None)? {
+            self.target.count_unsent(right);
             return Ok(Some(stop));
         }
         self.deliver(right, None)

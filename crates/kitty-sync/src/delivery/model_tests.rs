@@ -1,8 +1,13 @@
-//! The dispatcher in process and deterministically: a scripted receiver and a fake clock
-//! whose sleeps are only recorded.
+//! The dispatcher in process and deterministically: a scripted receiver, a fake clock whose
+//! sleeps are only recorded, regression tests of the defects of issue 10, and a model-based
+//! property test over random reply sequences.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use proptest::prelude::*;
+
+use super::backoff::{RETRY_AFTER_CAP, RetryAfter};
 use super::dispatcher::{DrainOptions, DrainSummary, drain_paced};
 use super::scripted::{EventAnswer, FakePacer, Reply, ScriptedReceiver};
 use super::target::{self, TargetRecord};
@@ -10,7 +15,7 @@ use crate::event_journal::{CapturePolicy, Journal, NewEvent};
 use crate::home::Home;
 use crate::mode::EventSyncMode;
 use crate::store::Store;
-
+use crate::store::selection::{DueQuery, select_due, settled_sql};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -62,6 +67,66 @@ fn a_scripted_drain_splits_on_413_and_records_what_the_receiver_said() {
     assert!(ledger_delivered(&s.store, &record(&s, &receiver)).iter().all(|id| receiver.acknowledged.contains(id)));
 }
 
+/// Regression (issue 10, defect 4): a 413 splits the batch, the left half then fails until
+/// the drain stops; the right half was never sent and must be counted as pending.
+#[test]
+fn counts_add_up_when_a_split_half_stops_the_drain() {
+    let mut s = setup(4);
+    let script = [Reply::Status(413, None), Reply::Status(503, None), Reply::Status(503, None)];
+    let mut receiver = ScriptedReceiver::new(script);
+    let summary = run(&mut s, &mut receiver, &options(10, 1), &mut FakePacer::new());
+    assert!(summary.stop.is_some());
+    assert_eq!(summary.selected, 4);
+    assert_eq!((summary.transient, summary.pending), (2, 2), "{summary:?}");
+    assert_eq!(summary.counted(), summary.selected);
+    // Nothing was lost: the next drain selects all four again.
+    let next = run(&mut s, &mut receiver, &options(10, 1), &mut FakePacer::new());
+    assert_eq!((next.selected, next.delivered), (4, 4));
+}
+
+fn answer() -> impl Strategy<Value = EventAnswer> {
+    prop_oneof![
+        4 => Just(EventAnswer::Success),
+        1 => Just(EventAnswer::Duplicate),
+        1 => Just(EventAnswer::Pending),
+        1 => Just(EventAnswer::Rejected),
+        1 => Just(EventAnswer::Omitted),
+    ]
+}
+
+fn retry_after() -> impl Strategy<Value = Option<RetryAfter>> {
+    prop_oneof![
+        2 => Just(None),
+        1 => (0u64..400).prop_map(|s| Some(RetryAfter::Delay(Duration::from_secs(s)))),
+    ]
+}
+
+fn reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        4 => proptest::collection::vec(answer(), 1..5).prop_map(Reply::PerEvent),
+        1 => Just(Reply::Status(413, None)),
+        1 => Just(Reply::BadRequestNamingFirst),
+        1 => Just(Reply::BadRequestNoDetails),
+        1 => (prop_oneof![Just(500u16), Just(502), Just(503), Just(408), Just(429)], retry_after())
+            .prop_map(|(status, after)| Reply::Status(status, after)),
+        1 => Just(Reply::Transport),
+        1 => Just(Reply::Status(401, None)),
+        1 => Just(Reply::Status(422, None)),
+    ]
+}
+
+/// Seqs of events the target has not settled (the one settled rule).
+fn unsettled(store: &Store, record: &TargetRecord) -> HashSet<i64> {
+    let sql = concat!(
+        "SELECT e.seq FROM events e WHERE NOT EXISTS (SELECT 1 FROM ledger l
+         WHERE l.target = ?1 AND l.epoch = ?2 AND l.seq = e.seq AND ",
+        settled_sql!("l"),
+        ")"
+    );
+    let mut stmt = store.conn().prepare(sql).unwrap();
+    stmt.query_map([record.id, record.epoch], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect()
+}
+
 /// Event ids the ledger says the target holds.
 fn ledger_delivered(store: &Store, record: &TargetRecord) -> Vec<String> {
     let mut stmt = store
@@ -72,4 +137,54 @@ fn ledger_delivered(store: &Store, record: &TargetRecord) -> Vec<String> {
         )
         .unwrap();
     stmt.query_map([record.id, record.epoch], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect()
+}
+
+fn check_invariants(s: &Setup, receiver: &ScriptedReceiver, summary: &DrainSummary, pacer: &FakePacer) {
+    assert_eq!(summary.counted(), summary.selected, "outcome counts add up to `selected`: {summary:?}");
+    let record = record(s, receiver);
+    for id in ledger_delivered(&s.store, &record) {
+        assert!(receiver.acknowledged.contains(&id), "ledger success for {id} the receiver never acknowledged");
+    }
+    let open = unsettled(&s.store, &record);
+    if let Some(first_open) = open.iter().min() {
+        assert!(record.due_from_seq <= *first_open, "frontier {} passed unsettled {first_open}", record.due_from_seq);
+    }
+    let query =
+        DueQuery { target: record.id, epoch: record.epoch, team: None, from_seq: record.due_from_seq, limit: 1_000 };
+    let next: HashSet<i64> = select_due(s.store.conn(), query).unwrap().into_iter().map(|e| e.seq).collect();
+    assert_eq!(open, next, "every event is settled for the target or selected by the next drain");
+    assert!(pacer.sleeps.iter().all(|d| *d <= RETRY_AFTER_CAP), "{:?}", pacer.sleeps);
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// Any sequence of answers, over several drains: the invariants hold after every drain,
+    /// and once the receiver accepts everything, one more drain settles every event.
+    #[test]
+    fn dispatcher_keeps_its_invariants(
+        events in 1usize..24,
+        batch_events in 1usize..7,
+        retries in 0u32..3,
+        drains in 1usize..4,
+        script in proptest::collection::vec(reply(), 0..30),
+    ) {
+        let mut s = setup(events);
+        let mut receiver = ScriptedReceiver::new(script);
+        let mut pacer = FakePacer::new();
+        let options = options(batch_events, retries);
+        for _ in 0..drains {
+            let summary = run(&mut s, &mut receiver, &options, &mut pacer);
+            check_invariants(&s, &receiver, &summary, &pacer);
+        }
+        let mut accepting = ScriptedReceiver::new([]);
+        accepting.acknowledged = receiver.acknowledged.clone();
+        let summary = run(&mut s, &mut accepting, &options, &mut pacer);
+        check_invariants(&s, &accepting, &summary, &pacer);
+        prop_assert!(unsettled(&s.store, &record(&s, &accepting)).is_empty());
+    }
 }
