@@ -197,12 +197,19 @@ pub fn drain_paced(
     })
 }
 
-/// Runs `f` with ledger commits that need not reach the disk one by one: a ledger row lost
-/// in a crash only means the event is sent again and the receiver answers `duplicate`.
-/// Captured events never go through this connection, so their durability is untouched.
+/// Runs `f` with ledger commits that need not reach the disk one by one (a ledger row lost
+/// in a crash only means the event is sent again and the receiver answers `duplicate`), then
+/// puts the connection's durability back as it was, so captures through the same `Store`
+/// afterwards are fsynced again whatever happened in between.
 fn with_relaxed_sync<T>(store: &mut Store, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+    let previous: i64 =
+        store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).ctx("cannot read the store settings")?;
     store.conn().execute_batch("PRAGMA synchronous=NORMAL").ctx("cannot configure the store")?;
-    f(store)
+    let result = f(store);
+    let restored = store.conn().pragma_update(None, "synchronous", previous).ctx("cannot configure the store");
+    let value = result?;
+    restored?;
+    Ok(value)
 }
 
 /// Registers the target, records what its health endpoint says, and refuses to deliver to a

@@ -67,6 +67,24 @@ fn a_scripted_drain_splits_on_413_and_records_what_the_receiver_said() {
     assert!(ledger_delivered(&s.store, &record(&s, &receiver)).iter().all(|id| receiver.acknowledged.contains(id)));
 }
 
+/// Regression (issue 10, defect 2): a drain must not leave the caller's connection with
+/// relaxed durability; captures through the same `Store` afterwards are fsynced.
+#[test]
+fn a_drain_leaves_captures_durable() {
+    let mut s = setup(3);
+    let full: i64 = s.store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+    assert_eq!(full, 2, "stores open with synchronous=FULL");
+    run(&mut s, &mut ScriptedReceiver::new([]), &options(10, 0), &mut FakePacer::new());
+    let after: i64 = s.store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+    assert_eq!(after, 2, "synchronous=FULL is back after the drain");
+    // Also after a drain that stops with an error part-way.
+    let mut failing = ScriptedReceiver::new([Reply::Transport]);
+    let summary = run(&mut s, &mut failing, &options(10, 0), &mut FakePacer::new());
+    assert!(summary.stop.is_none(), "nothing was due");
+    let after: i64 = s.store.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+    assert_eq!(after, 2);
+}
+
 /// Regression (issue 10, defect 4): a 413 splits the batch, the left half then fails until
 /// the drain stops; the right half was never sent and must be counted as pending.
 #[test]
