@@ -40,21 +40,30 @@ impl Pacer for SystemPacer {
     }
 }
 
-/// What a server asked for in `Retry-After`, in seconds.
+/// What a server asked for in `Retry-After`: a number of seconds or an HTTP date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryAfter {
     Delay(Duration),
+    At(SystemTime),
 }
 
 impl RetryAfter {
-    /// `Retry-After: 120`; anything else is ignored (the exponential backoff applies).
+    /// `Retry-After: 120` or `Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`; anything else is
+    /// ignored (the exponential backoff applies).
     pub fn parse(value: &str) -> Option<RetryAfter> {
-        value.trim().parse::<u64>().ok().map(|seconds| RetryAfter::Delay(Duration::from_secs(seconds)))
+        let value = value.trim();
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(RetryAfter::Delay(Duration::from_secs(seconds)));
+        }
+        httpdate::parse_http_date(value).ok().map(RetryAfter::At)
     }
 
-    /// The wait it asks for, capped.
-    pub fn wait_from(self, _now: SystemTime) -> Duration {
-        let RetryAfter::Delay(asked) = self;
+    /// The wait it asks for as seen at `now` (a date in the past asks for none), capped.
+    pub fn wait_from(self, now: SystemTime) -> Duration {
+        let asked = match self {
+            RetryAfter::Delay(delay) => delay,
+            RetryAfter::At(at) => at.duration_since(now).unwrap_or(Duration::ZERO),
+        };
         asked.min(RETRY_AFTER_CAP)
     }
 }
@@ -88,9 +97,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_seconds_capped() {
-        let now = SystemTime::UNIX_EPOCH;
+    fn retry_after_seconds_or_http_date_capped() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
         assert_eq!(RetryAfter::parse(" 7 ").map(|r| r.wait_from(now)), Some(Duration::from_secs(7)));
+        let date = RetryAfter::parse("Wed, 21 Oct 2015 07:28:30 GMT").unwrap();
+        assert_eq!(date.wait_from(now), Duration::from_secs(30));
+        let past = RetryAfter::parse("Wed, 21 Oct 2015 07:00:00 GMT").unwrap();
+        assert_eq!(past.wait_from(now), Duration::ZERO);
+        let far = RetryAfter::parse("Thu, 22 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(far.wait_from(now), RETRY_AFTER_CAP);
         assert_eq!(RetryAfter::parse("86400").unwrap().wait_from(now), RETRY_AFTER_CAP);
         assert_eq!(RetryAfter::parse("soon"), None);
         assert_eq!(RetryAfter::parse("-5"), None);

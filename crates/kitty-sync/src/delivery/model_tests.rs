@@ -102,6 +102,20 @@ fn counts_add_up_when_a_split_half_stops_the_drain() {
     assert_eq!((next.selected, next.delivered), (4, 4));
 }
 
+/// Regression (issue 10, defect 7): `Retry-After` as an HTTP date is honoured, and capped.
+#[test]
+fn retry_after_dates_are_waited_for_up_to_the_cap() {
+    let mut s = setup(1);
+    let mut pacer = FakePacer::new();
+    let soon = RetryAfter::At(pacer.now + Duration::from_secs(30));
+    let much_later = RetryAfter::At(pacer.now + Duration::from_secs(86_400));
+    let script = [Reply::Status(503, Some(soon)), Reply::Status(429, Some(much_later))];
+    let mut receiver = ScriptedReceiver::new(script);
+    let summary = run(&mut s, &mut receiver, &options(10, 3), &mut pacer);
+    assert_eq!(summary.delivered, 1);
+    assert_eq!(pacer.sleeps, vec![Duration::from_secs(30), RETRY_AFTER_CAP]);
+}
+
 fn answer() -> impl Strategy<Value = EventAnswer> {
     prop_oneof![
         4 => Just(EventAnswer::Success),
@@ -116,6 +130,7 @@ fn retry_after() -> impl Strategy<Value = Option<RetryAfter>> {
     prop_oneof![
         2 => Just(None),
         1 => (0u64..400).prop_map(|s| Some(RetryAfter::Delay(Duration::from_secs(s)))),
+        1 => (0u64..400).prop_map(|s| Some(RetryAfter::At(FakePacer::new().now + Duration::from_secs(s)))),
     ]
 }
 

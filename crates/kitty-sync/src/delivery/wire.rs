@@ -179,7 +179,7 @@ fn details(body: Option<&Value>) -> Option<HashMap<String, String>> {
     (!named.is_empty()).then_some(named)
 }
 
-/// `Retry-After` in seconds (see [`RetryAfter`]).
+/// `Retry-After`: seconds or an HTTP date (see [`RetryAfter`]).
 pub fn parse_retry_after(value: &str) -> Option<RetryAfter> {
     RetryAfter::parse(value)
 }
@@ -262,9 +262,11 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_seconds_only() {
+    fn retry_after_seconds_or_http_date() {
         use std::time::Duration;
         assert_eq!(parse_retry_after(" 7 "), Some(RetryAfter::Delay(Duration::from_secs(7))));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(RetryAfter::At(at)));
+        assert_eq!(parse_retry_after("later"), None);
     }
 }
