@@ -82,7 +82,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         emit_report(&report, &args, printer)?;
         Err(e.into())
     };
-    let _lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
+    let lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
         Ok(lock) => lock,
         Err(e) => return refused(e),
     };
@@ -96,8 +96,9 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         ..DrainOptions::default()
     };
     let bar = crate::output::Progress::bar(printer, "delivering");
-    let summary =
-        drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| bar.update(done, total));
+    let summary = drain(&mut store, &lock, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| {
+        bar.update(done, total)
+    });
     bar.finish();
     let summary = match summary {
         Ok(summary) => summary,

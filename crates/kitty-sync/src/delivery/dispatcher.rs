@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::backoff::{Backoff, Pacer, SystemPacer};
 use super::batch::{Prepared, encode_batch, prefetch};
 use super::ledger::{self, EventResult, LedgerKey};
+use super::lock::DrainLock;
 use super::receiver::Receiver;
 use super::reset;
 use super::target::{self, TargetKind, TargetRecord};
@@ -152,23 +153,26 @@ pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, Option<u64>);
 /// posted and a `Blocked` error names it.
 pub fn drain(
     store: &mut Store,
+    lock: &DrainLock,
     receiver: &mut dyn Receiver,
     options: &DrainOptions,
     count_total: bool,
     progress: ProgressFn<'_>,
 ) -> Result<DrainSummary> {
-    drain_paced(store, receiver, options, &mut SystemPacer, count_total, progress)
+    drain_paced(store, lock, receiver, options, &mut SystemPacer, count_total, progress)
 }
 
 /// [`drain`] with the clock, the sleep and the jitter supplied by the caller.
 pub fn drain_paced(
     store: &mut Store,
+    lock: &DrainLock,
     receiver: &mut dyn Receiver,
     options: &DrainOptions,
     pacer: &mut dyn Pacer,
     count_total: bool,
     progress: ProgressFn<'_>,
 ) -> Result<DrainSummary> {
+    lock.guards(store)?;
     check_gates(receiver)?;
     receiver.prepare()?;
     with_relaxed_sync(store, |store| {

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 
 use super::backoff::{RETRY_AFTER_CAP, RetryAfter};
 use super::dispatcher::{DrainOptions, DrainSummary, drain_paced};
+use super::lock::{self, DrainLock};
 use super::scripted::{EventAnswer, FakePacer, Reply, ScriptedReceiver};
 use super::target::{self, TargetRecord};
 use crate::event_journal::{CapturePolicy, Journal, NewEvent};
@@ -20,6 +21,7 @@ use crate::store::selection::{DueQuery, select_due, settled_sql};
 struct Setup {
     _dir: tempfile::TempDir,
     store: Store,
+    lock: DrainLock,
 }
 
 fn setup(events: usize) -> Setup {
@@ -37,7 +39,8 @@ fn setup(events: usize) -> Setup {
             })
             .unwrap();
     }
-    Setup { _dir: dir, store }
+    let lock = lock::acquire(&home, Duration::ZERO, "test").unwrap();
+    Setup { _dir: dir, store, lock }
 }
 
 fn options(batch_events: usize, retries: u32) -> DrainOptions {
@@ -45,7 +48,7 @@ fn options(batch_events: usize, retries: u32) -> DrainOptions {
 }
 
 fn run(s: &mut Setup, receiver: &mut ScriptedReceiver, options: &DrainOptions, pacer: &mut FakePacer) -> DrainSummary {
-    drain_paced(&mut s.store, receiver, options, pacer, false, &mut |_, _| {}).unwrap()
+    drain_paced(&mut s.store, &s.lock, receiver, options, pacer, false, &mut |_, _| {}).unwrap()
 }
 
 fn record(s: &Setup, receiver: &ScriptedReceiver) -> TargetRecord {
