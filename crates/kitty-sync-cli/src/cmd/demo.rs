@@ -46,15 +46,8 @@ impl DemoReceiver {
     fn identical_to_journal(&self, store: &Store) -> Result<usize> {
         let mut same = 0;
         for event in self.store.events_after(0, 1000)? {
-            let stored: Option<Vec<u8>> = store
-                .conn()
-                .query_row(
-                    "SELECT p.envelope FROM events e JOIN payloads p ON p.seq = e.seq WHERE e.event_id = ?1",
-                    [&event.event_id],
-                    |r| r.get(0),
-                )
-                .ok();
-            same += usize::from(stored.as_deref() == Some(event.envelope.as_bytes()));
+            let journal = kitty_sync::inspect::inspect(Some(store), &event.event_id)?.envelope;
+            same += usize::from(journal.is_some_and(|stored| stored.get() == event.envelope));
         }
         Ok(same)
     }
@@ -118,7 +111,7 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     say(drain_to(&home, &mut store, &lock, &a, "6. back to A")?);
     let (_, a_after) = a.counts()?;
     say(format!("   A received {} new request(s) too", a_after - a_before));
-    let retained = kitty_sync::store::stats::journal_counters(store.conn())?.retained;
+    let retained = kitty_sync::store::stats::journal_counters_of(&store)?.retained;
     say(format!("7. journal still retains {retained}/{} events; A holds {a_events}, B holds {b_events}", SAMPLE.len()));
     say(format!(
         "   byte-identical to the journal: A {}/{a_events}, B {}/{b_events}",

@@ -19,6 +19,11 @@ pub struct JournalCounters {
     pub delivered_any: i64,
 }
 
+/// [`journal_counters`] of a store.
+pub fn journal_counters_of(store: &crate::store::Store) -> Result<JournalCounters> {
+    journal_counters(store.conn())
+}
+
 pub fn journal_counters(conn: &Connection) -> Result<JournalCounters> {
     let mut stmt = conn.prepare_cached("SELECT key, value FROM stats").ctx("cannot read counters")?;
     let map: HashMap<String, i64> = stmt
