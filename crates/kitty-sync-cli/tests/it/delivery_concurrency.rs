@@ -1,7 +1,6 @@
 //! Issue 4, concurrent processes and crashes: one drain per home (exit 5 or `--wait`),
 //! capture during a drain, and `kill -9` of `now` at random moments.
 
-
 use crate::common;
 
 use std::collections::BTreeSet;

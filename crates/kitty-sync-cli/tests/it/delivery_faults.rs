@@ -1,7 +1,6 @@
 //! Issue 4, receiver faults from the outside: every fault ends with the right ledger states,
 //! nothing lost, the right exit code and a useful message.
 
-
 use crate::common;
 
 use std::sync::Arc;

@@ -379,13 +379,7 @@ struct Sender<'a> {
 impl Sender<'_> {
     /// `failed_attempt(now_ms, http_status, error)` records each try that did not get an
     /// answer for the events, before any wait.
-    fn send(
-        &mut self,
-        body: &[u8],
-        ids: &[&str],
-        posts: &mut u64,
-        failed_attempt: FailedAttempt<'_>,
-    ) -> Result<Sent> {
+    fn send(&mut self, body: &[u8], ids: &[&str], posts: &mut u64, failed_attempt: FailedAttempt<'_>) -> Result<Sent> {
         let mut renewed = false;
         let mut attempt = 0u32;
         loop {
