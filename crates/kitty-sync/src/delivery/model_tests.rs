@@ -70,6 +70,29 @@ fn a_scripted_drain_splits_on_413_and_records_what_the_receiver_said() {
     assert!(ledger_delivered(&s.store, &record(&s, &receiver)).iter().all(|id| receiver.acknowledged.contains(id)));
 }
 
+/// Issue 10, defect 0: re-draining the same journal to a second and a third target after
+/// the first holds everything delivers everything again and keeps every counter exact.
+#[test]
+fn second_and_third_target_after_the_first_has_everything() {
+    let mut s = setup(40);
+    for (i, url) in ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b", "http://127.0.0.1:9/c"].iter().enumerate() {
+        let mut receiver = ScriptedReceiver::at(url, []);
+        let summary = run(&mut s, &mut receiver, &options(7, 0), &mut FakePacer::new());
+        assert_eq!((summary.selected, summary.delivered), (40, 40), "target {i}");
+        assert_eq!(receiver.acknowledged.len(), 40);
+    }
+    let conn = s.store.conn();
+    let live = crate::store::stats::journal_counters(conn).unwrap();
+    let exclusive: i64 =
+        conn.query_row("SELECT sum(value) FROM target_stats WHERE key = 'exclusive'", [], |r| r.get(0)).unwrap();
+    assert_eq!((live.delivered_any, exclusive), (40, 0), "every event is on three targets, none exclusive");
+    crate::store::stats::rebuild(conn).unwrap();
+    assert_eq!(crate::store::stats::journal_counters(conn).unwrap(), live);
+    let rebuilt: i64 =
+        conn.query_row("SELECT sum(value) FROM target_stats WHERE key = 'exclusive'", [], |r| r.get(0)).unwrap();
+    assert_eq!(rebuilt, exclusive);
+}
+
 /// Regression (issue 10, defect 2): a drain must not leave the caller's connection with
 /// relaxed durability; captures through the same `Store` afterwards are fsynced.
 #[test]

@@ -49,10 +49,15 @@ pub struct ScriptedReceiver {
 
 impl ScriptedReceiver {
     pub fn new(script: impl IntoIterator<Item = Reply>) -> ScriptedReceiver {
+        ScriptedReceiver::at("http://127.0.0.1:9/api/v1/events/batch", script)
+    }
+
+    /// A receiver that is its own target (canonical URL `url`).
+    pub fn at(url: &str, script: impl IntoIterator<Item = Reply>) -> ScriptedReceiver {
         ScriptedReceiver {
             identity: TargetIdentity {
                 kind: TargetKind::External,
-                canonical_url: "http://127.0.0.1:9/api/v1/events/batch".into(),
+                canonical_url: url.into(),
                 team_slug: String::new(),
                 user_email: String::new(),
             },
