@@ -87,8 +87,8 @@ fn main() {
     let timed = |dry_run: bool| {
         let cpu = cpu_time();
         let started = Instant::now();
-        let report =
-            legacy::migrate(&home, &authority, &MigrateOptions { dry_run }, &mut |_| {}).expect("migration runs");
+        let report = legacy::migrate(&home, &authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {})
+            .expect("migration runs");
         (Phase { wall: started.elapsed(), cpu: cpu_time().saturating_sub(cpu) }, report)
     };
     let (dry, dry_report) = timed(true);

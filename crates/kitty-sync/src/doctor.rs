@@ -225,7 +225,9 @@ fn active_targets(
     let client = || HttpClient::new(HEALTH_TIMEOUT);
     let mut out = Vec::new();
     let primary: Option<Box<dyn Receiver>> = match config.mode().unwrap_or(EventSyncMode::Teamspace) {
-        EventSyncMode::Teamspace => TeamspaceReceiver::new(home, authority, credentials, client()).ok().map(|r| Box::new(r) as _),
+        EventSyncMode::Teamspace => {
+            TeamspaceReceiver::new(home, authority, credentials, client()).ok().map(|r| Box::new(r) as _)
+        }
         EventSyncMode::ExternalReceiver => {
             let endpoint = config.external_endpoint.as_deref();
             let token_env = config.external_token_env.as_deref();

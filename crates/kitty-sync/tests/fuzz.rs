@@ -10,11 +10,11 @@
 use std::fs;
 use std::io::{BufReader, Cursor, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
+use kitty_sync::delivery::backoff::RetryAfter;
 use kitty_sync::delivery::wire::{self, HttpReply, Verdict};
 use kitty_sync::event_journal::{CapturePolicy, ImportOptions, Journal};
 use kitty_sync::home::{Config, Credentials, Home};
@@ -139,9 +139,11 @@ proptest! {
 
     #[test]
     fn retry_after_of_any_text(text in "\\PC{0,30}") {
-        if let Some(delay) = wire::parse_retry_after(&text) {
-            prop_assert!(text.trim().chars().all(|c| c.is_ascii_digit()));
-            prop_assert!(delay >= Duration::ZERO);
+        // Seconds or an HTTP date (contract 7); anything else is no answer, never a panic.
+        match wire::parse_retry_after(&text) {
+            Some(RetryAfter::Delay(_)) => prop_assert!(text.trim().chars().all(|c| c.is_ascii_digit())),
+            Some(RetryAfter::At(_)) => prop_assert!(httpdate::parse_http_date(text.trim()).is_ok()),
+            None => {}
         }
     }
 

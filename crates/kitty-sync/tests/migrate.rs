@@ -75,7 +75,7 @@ fn alice() -> TargetAuthority {
 }
 
 fn run(home: &Home, authority: &TargetAuthority, dry_run: bool) -> MigrationReport {
-    legacy::migrate(home, authority, &MigrateOptions { dry_run }, &mut |_| {}).unwrap()
+    legacy::migrate(home, authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {}).unwrap()
 }
 
 fn source<'r>(report: &'r MigrationReport, suffix: &str) -> &'r legacy::SourceReport {
@@ -875,9 +875,9 @@ fn conflicted_home() -> (tempfile::TempDir, Home, String, String) {
 fn resolve_keep_journal_unblocks_and_stays_resolved() {
     let (_dir, home, v1, _) = conflicted_home();
     let mut store = Store::open(&home).unwrap();
-    let r = legacy::resolve(&mut store, ID1, Keep::Journal, None).unwrap();
+    let r = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Journal, None).unwrap();
     assert_eq!((r.kept, r.resolved), ("journal", 1));
-    let again = legacy::resolve(&mut store, ID1, Keep::Journal, None).unwrap();
+    let again = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Journal, None).unwrap();
     assert_eq!(again.resolved, 0, "idempotent");
     drop(store);
     assert_eq!(stored_envelope(&home, ID1), v1.as_bytes());
@@ -894,7 +894,7 @@ fn resolve_keep_journal_unblocks_and_stays_resolved() {
 fn resolve_keep_incoming_replaces_the_bytes_and_keeps_the_old_version() {
     let (_dir, home, v1, v2) = conflicted_home();
     let mut store = Store::open(&home).unwrap();
-    let r = legacy::resolve(&mut store, ID1, Keep::Incoming, None).unwrap();
+    let r = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, None).unwrap();
     assert_eq!(r.kept, "incoming");
     assert_eq!(r.source.as_deref(), Some("unknown:02"));
     drop(store);
@@ -919,7 +919,7 @@ fn resolve_keep_incoming_replaces_the_bytes_and_keeps_the_old_version() {
     assert_eq!(source(&report, "queue-02.db").deduped, 1);
     // And the operator can go back.
     let mut store = Store::open(&home).unwrap();
-    let back = legacy::resolve(&mut store, ID1, Keep::Incoming, None).unwrap();
+    let back = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, None).unwrap();
     assert_eq!(back.source.as_deref(), Some("unknown:01"));
     drop(store);
     assert_eq!(stored_envelope(&home, ID1), v1.as_bytes());
@@ -939,7 +939,7 @@ fn resolve_keep_incoming_preserves_emitted_bytes_under_journal() {
     create_queue(&scoped(&home, "01"), &[row(ID1, &py_envelope(ID1, None, json!({"from": "legacy"})), 1)]);
     run(&home, &authority(None, None), false);
     let mut store = Store::open(&home).unwrap();
-    legacy::resolve(&mut store, ID1, Keep::Incoming, None).unwrap();
+    legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, None).unwrap();
     drop(store);
     let kept: Vec<u8> = store_conn(&home)
         .query_row(
@@ -958,7 +958,7 @@ fn resolve_keep_incoming_is_refused_after_a_terminal_delivery() {
         .execute("INSERT INTO ledger (target, epoch, seq, status) SELECT 1, 0, seq, 'duplicate' FROM events", [])
         .unwrap();
     let mut store = Store::open(&home).unwrap();
-    let err = legacy::resolve(&mut store, ID1, Keep::Incoming, None).unwrap_err();
+    let err = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, None).unwrap_err();
     assert_eq!(err.exit_code(), 3, "{err}");
     assert!(err.hint().contains("--keep journal"));
     drop(store);
@@ -970,21 +970,34 @@ fn resolve_keep_incoming_is_refused_after_a_terminal_delivery() {
 fn resolve_errors_are_usage_errors() {
     let (_dir, home) = conflicted_home_three();
     let mut store = Store::open(&home).unwrap();
-    assert_eq!(legacy::resolve(&mut store, "nope", Keep::Journal, None).unwrap_err().exit_code(), 2);
-    assert_eq!(legacy::resolve(&mut store, ID2, Keep::Journal, None).unwrap_err().exit_code(), 2, "no conflict");
-    assert_eq!(legacy::resolve(&mut store, ID4, Keep::Journal, None).unwrap_err().exit_code(), 2, "unknown id");
-    let ambiguous = legacy::resolve(&mut store, ID1, Keep::Incoming, None).unwrap_err();
+    assert_eq!(
+        legacy::resolve(&mut store, &drain_lock(&home), "nope", Keep::Journal, None).unwrap_err().exit_code(),
+        2
+    );
+    assert_eq!(
+        legacy::resolve(&mut store, &drain_lock(&home), ID2, Keep::Journal, None).unwrap_err().exit_code(),
+        2,
+        "no conflict"
+    );
+    assert_eq!(
+        legacy::resolve(&mut store, &drain_lock(&home), ID4, Keep::Journal, None).unwrap_err().exit_code(),
+        2,
+        "unknown id"
+    );
+    let ambiguous = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, None).unwrap_err();
     assert_eq!(ambiguous.exit_code(), 2);
     assert!(
         ambiguous.to_string().contains("unknown:02") && ambiguous.to_string().contains("unknown:03"),
         "{ambiguous}"
     );
     assert_eq!(
-        legacy::resolve(&mut store, ID1, Keep::Incoming, Some("unknown:99")).unwrap_err().exit_code(),
+        legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, Some("unknown:99"))
+            .unwrap_err()
+            .exit_code(),
         2,
         "unknown source"
     );
-    let chosen = legacy::resolve(&mut store, ID1, Keep::Incoming, Some("unknown:03")).unwrap();
+    let chosen = legacy::resolve(&mut store, &drain_lock(&home), ID1, Keep::Incoming, Some("unknown:03")).unwrap();
     assert_eq!(chosen.source.as_deref(), Some("unknown:03"));
     assert_eq!(chosen.resolved, 2, "both conflicts are settled");
 }
@@ -1056,4 +1069,9 @@ fn odd_paths_and_payloads() {
         snapshot(home.root()).into_iter().filter(|(p, _)| !p.starts_with(home.sync_dir())).collect::<BTreeMap<_, _>>(),
         before
     );
+}
+
+/// The drain lock a resolution needs (taken and released around each call).
+fn drain_lock(home: &Home) -> kitty_sync::delivery::lock::DrainLock {
+    kitty_sync::delivery::lock::acquire(home, std::time::Duration::ZERO, "test").unwrap()
 }

@@ -5,10 +5,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
 use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, drain};
+use kitty_sync::delivery::lock::{self, DrainLock};
 use kitty_sync::delivery::receiver::{ExternalReceiver, HttpClient};
 use kitty_sync::event_journal::{CapturePolicy, Journal, NewEvent};
 use kitty_sync::home::{Home, set_config_string, try_edit_config};
@@ -45,15 +47,8 @@ impl DemoReceiver {
     fn identical_to_journal(&self, store: &Store) -> Result<usize> {
         let mut same = 0;
         for event in self.store.events_after(0, 1000)? {
-            let stored: Option<Vec<u8>> = store
-                .conn()
-                .query_row(
-                    "SELECT p.envelope FROM events e JOIN payloads p ON p.seq = e.seq WHERE e.event_id = ?1",
-                    [&event.event_id],
-                    |r| r.get(0),
-                )
-                .ok();
-            same += usize::from(stored.as_deref() == Some(event.envelope.as_bytes()));
+            let journal = kitty_sync::inspect::inspect(Some(store), &event.event_id)?.envelope;
+            same += usize::from(journal.is_some_and(|stored| stored.get() == event.envelope));
         }
         Ok(same)
     }
@@ -89,6 +84,8 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     say(format!("kitty-sync demo — temporary home {}", home.root().display()));
     say(format!("receivers: A {} · B {}", a.server.url(), b.server.url()));
 
+    // Held for the whole story: every drain below changes delivery state.
+    let lock = lock::acquire(&home, Duration::ZERO, "`kitty-sync demo`")?;
     let mut store = Store::open(&home)?;
     let policy = CapturePolicy { mode: EventSyncMode::ExternalReceiver, ..CapturePolicy::default() };
     let mut journal = Journal::new(&mut store, policy);
@@ -103,31 +100,31 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     }
     say(format!("1. captured {} events into the journal", SAMPLE.len()));
 
-    let first = drain_to(&home, &mut store, &a, "2. now → A")?;
+    let first = drain_to(&home, &mut store, &lock, &a, "2. now → A")?;
     say(first);
     say("3. switched: kitty-sync mode external-receiver --endpoint <B>".into());
-    say(drain_to(&home, &mut store, &b, "4. now → B")?);
+    say(drain_to(&home, &mut store, &lock, &b, "4. now → B")?);
     let (_, b_requests) = b.counts()?;
-    say(drain_to(&home, &mut store, &b, "5. now → B again")?);
+    say(drain_to(&home, &mut store, &lock, &b, "5. now → B again")?);
     let (b_events, b_after) = b.counts()?;
     say(format!("   B received {} new request(s): everything was already delivered", b_after - b_requests));
     let (a_events, a_before) = a.counts()?;
-    say(drain_to(&home, &mut store, &a, "6. back to A")?);
+    say(drain_to(&home, &mut store, &lock, &a, "6. back to A")?);
     let (_, a_after) = a.counts()?;
     say(format!("   A received {} new request(s) too", a_after - a_before));
-    let retained = kitty_sync::store::stats::journal_counters(store.conn())?.retained;
+    let retained = kitty_sync::store::stats::journal_counters_of(&store)?.retained;
     say(format!("7. journal still retains {retained}/{} events; A holds {a_events}, B holds {b_events}", SAMPLE.len()));
     say(format!(
         "   byte-identical to the journal: A {}/{a_events}, B {}/{b_events}",
         a.identical_to_journal(&store)?,
         b.identical_to_journal(&store)?
     ));
-    drop(store);
+    drop((store, lock));
     say(String::new());
     say("kitty-sync status:".into());
     let ctx = Context::load(Some(home.root()))?;
     let mode = ctx.config.mode()?;
-    let receiver = super::target::active_receiver(&ctx, mode, std::time::Duration::from_secs(5), printer)?;
+    let receiver = super::target::active_receiver(&ctx, mode, Duration::from_secs(5), printer)?;
     let report = kitty_sync::status::build(
         &ctx.home,
         &ctx.authority,
@@ -142,14 +139,14 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
 }
 
 /// Points the home at `receiver` (as `kitty-sync mode` would) and drains to it.
-fn drain_to(home: &Home, store: &mut Store, receiver: &DemoReceiver, label: &str) -> Result<String> {
+fn drain_to(home: &Home, store: &mut Store, lock: &DrainLock, receiver: &DemoReceiver, label: &str) -> Result<String> {
     let endpoint = receiver.endpoint();
     let path = home.config_path();
     try_edit_config(&path, |doc| {
         set_config_string(doc, &path, "event_sync", "mode", EventSyncMode::ExternalReceiver.config_token())?;
         set_config_string(doc, &path, "event_sync", "external_endpoint", &endpoint)
     })?;
-    let mut target = ExternalReceiver::new(Some(&endpoint), None, HttpClient::new(std::time::Duration::from_secs(10)))?;
-    let summary: DrainSummary = drain(store, &mut target, &DrainOptions::default(), false, &mut |_, _| {})?;
+    let mut target = ExternalReceiver::new(Some(&endpoint), None, HttpClient::new(Duration::from_secs(10)))?;
+    let summary: DrainSummary = drain(store, lock, &mut target, &DrainOptions::default(), false, &mut |_, _| {})?;
     Ok(format!("{label}: {}", super::now::final_line(&summary, EventSyncMode::ExternalReceiver.display_name())))
 }

@@ -2,11 +2,13 @@
 //! import spec-kitty's legacy queues (read-only) and settle the events whose versions disagree.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{CellAlignment, Table, presets};
 use kitty_sync::Error;
+use kitty_sync::delivery::lock;
 use kitty_sync::home::Home;
 use kitty_sync::legacy::{
     self, ConflictEntry, Keep, MigrateOptions, MigrateProgress, MigrationReport, Resolution, SourceKind, SourceReport,
@@ -29,6 +31,9 @@ pub struct MigrateArgs {
     /// Report what the migration would do without writing anything
     #[arg(long)]
     dry_run: bool,
+    /// Wait up to SECS for a running drain to finish
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,6 +54,9 @@ struct ResolveArgs {
     /// The source whose version to keep, when several conflict (e.g. unknown:adf30b8f7dd4874f)
     #[arg(long, value_name = "SOURCE")]
     source: Option<String>,
+    /// Wait up to SECS for a running drain to finish
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -61,13 +69,13 @@ enum KeepArg {
 
 pub fn run(args: MigrateArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     match args.command {
-        None => run_migrate(args.dry_run, home_flag, printer),
+        None => run_migrate(MigrateOptions { dry_run: args.dry_run, lock_wait: args.wait }, home_flag, printer),
         Some(MigrateCommand::Conflicts) => run_conflicts(home_flag, printer),
         Some(MigrateCommand::Resolve(resolve)) => run_resolve(resolve, home_flag, printer),
     }
 }
 
-fn run_migrate(dry_run: bool, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
+fn run_migrate(options: MigrateOptions, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     // The scope digest that makes a source "known" comes from the server URL.
     ctx.warn_authority(printer);
@@ -78,7 +86,7 @@ fn run_migrate(dry_run: bool, home_flag: Option<&Path>, printer: &Printer) -> Re
         }
         bar.get_or_insert_with(|| Progress::bar(printer, "migrating")).update(p.rows_done, Some(p.rows_total));
     };
-    let report = legacy::migrate(&ctx.home, &ctx.authority, &MigrateOptions { dry_run }, &mut on_progress)?;
+    let report = legacy::migrate(&ctx.home, &ctx.authority, &options, &mut on_progress)?;
     if let Some(bar) = &bar {
         bar.finish();
     }
@@ -336,12 +344,13 @@ fn run_resolve(args: ResolveArgs, home_flag: Option<&Path>, printer: &Printer) -
         )
         .into());
     }
+    let lock = lock::acquire(&home, args.wait, "`kitty-sync migrate resolve`")?;
     let mut store = Store::open(&home)?;
     let keep = match args.keep {
         KeepArg::Journal => Keep::Journal,
         KeepArg::Incoming => Keep::Incoming,
     };
-    let resolution = legacy::resolve(&mut store, &args.event_id, keep, args.source.as_deref())?;
+    let resolution = legacy::resolve(&mut store, &lock, &args.event_id, keep, args.source.as_deref())?;
     if printer.json {
         printer.json_doc(&resolution);
     } else {

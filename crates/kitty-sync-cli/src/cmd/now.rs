@@ -88,7 +88,7 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         emit_report(&report, &args, printer)?;
         Err(e.into())
     };
-    let _lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
+    let lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
         Ok(lock) => lock,
         Err(e) => return refused(e),
     };
@@ -102,8 +102,9 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         ..DrainOptions::default()
     };
     let bar = crate::output::Progress::bar(printer, "delivering");
-    let summary =
-        drain(&mut store, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| bar.update(done, total));
+    let summary = drain(&mut store, &lock, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| {
+        bar.update(done, total)
+    });
     bar.finish();
     // Whatever the drain's outcome: a rotated token that could not be saved is said, and fails.
     let unsaved = receiver.finish();

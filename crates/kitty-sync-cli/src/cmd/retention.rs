@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
-use kitty_sync::delivery::lock;
+use kitty_sync::delivery::lock::{self, Change};
 use kitty_sync::delivery::receiver::{ExternalReceiver, HttpClient, Receiver, TeamspaceReceiver};
 use kitty_sync::delivery::retention::{self, parse_duration_ms};
 use kitty_sync::delivery::target::TargetIdentity;
@@ -85,8 +85,9 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
     };
     let current = current_target(&ctx, printer)?;
     let mut store = open_store(home, args.dry_run)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "archive")?) };
-    let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), args.dry_run)?;
+    let lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "archive")?) };
+    let change = lock.as_ref().map_or(Change::DryRun, Change::Apply);
+    let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), change)?;
     if printer.json {
         if let Some(note) = &report.note {
             printer.note(format!("Nothing archived: {note}."));
@@ -112,10 +113,10 @@ pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<E
     let home = &ctx.home;
     let current = current_target(&ctx, printer)?;
     let mut store = open_store(home, args.dry_run)?;
-    let _lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "gc")?) };
+    let lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "gc")?) };
+    let change = lock.as_ref().map_or(Change::DryRun, Change::Apply);
     let bar = crate::output::Progress::bar(printer, "purging");
-    let report =
-        retention::gc(&mut store, current.as_ref(), args.dry_run, &mut |done, total| bar.update(done, Some(total)));
+    let report = retention::gc(&mut store, current.as_ref(), change, &mut |done, total| bar.update(done, Some(total)));
     bar.finish();
     let report = report?;
     if printer.json {

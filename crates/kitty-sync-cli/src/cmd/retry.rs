@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
-use kitty_sync::delivery::retry::{RetrySelection, release_not_consented, requeue};
-use kitty_sync::delivery::target;
+use kitty_sync::delivery::lock;
+use kitty_sync::delivery::retry::{RetrySelection, release_not_consented, requeue_for};
 use kitty_sync::store::Store;
 
 use super::Context;
@@ -31,6 +31,9 @@ pub struct RetryArgs {
     /// With --not-consented: only the events of this project (its UUID)
     #[arg(long, value_name = "UUID", requires = "not_consented")]
     project: Option<String>,
+    /// Wait up to SECS for a running drain to finish
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
+    wait: Duration,
 }
 
 pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
@@ -62,12 +65,13 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
         .into());
     };
     let selection = RetrySelection { parked: args.all_parked || !args.event_ids.is_empty(), rejected: args.rejected };
+    let canonical_url = &receiver.identity().canonical_url;
+    let lock = lock::acquire(&ctx.home, args.wait, "`kitty-sync retry`")?;
     let mut store = Store::open(&ctx.home)?;
-    let Some(record) = target::find(store.conn(), receiver.identity())? else {
-        printer.line(format!("Nothing to retry: {} has never been drained to.", receiver.identity().canonical_url));
+    let Some(report) = requeue_for(&mut store, &lock, receiver.identity(), &args.event_ids, selection)? else {
+        printer.line(format!("Nothing to retry: {canonical_url} has never been drained to."));
         return Ok(ExitStatus::Success);
     };
-    let report = requeue(&mut store, &record, &args.event_ids, selection)?;
     if printer.json {
         printer.json_doc(&report);
     } else {
@@ -82,7 +86,7 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
         printer.line(format!(
             "Requeued {} event(s) for {}; run `kitty-sync now` to deliver them.",
             report.requeued.len(),
-            record.identity.canonical_url
+            canonical_url
         ));
     }
     Ok(ExitStatus::Success)

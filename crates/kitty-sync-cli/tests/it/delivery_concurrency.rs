@@ -111,30 +111,34 @@ fn kill_9_of_now_at_random_moments_then_now_again_delivers_exactly_once() {
     assert_eq!(receiver.dump().batch_requests, before);
 }
 
+/// Issue 10, defect 1: the running drain itself parks an event; an operator's `retry` of it
+/// while that drain still runs must neither be lost to the drain's frontier nor race it: it
+/// is refused as busy (exit 5), or waits with `--wait` and then makes the event due.
 #[test]
-fn retry_during_a_drain_is_not_lost() {
+fn retry_during_a_drain_is_busy_or_waits_and_is_never_lost() {
     let home = Home::new();
     let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &["--max-event-bytes", "2000", "--delay-ms", "300"]);
-    home.capture(2, "Small");
+    let receiver = Receiver::start(&dir.path().join("r.db"), &["--max-event-bytes", "2000", "--delay-ms", "250"]);
     let big = home.emit("Big", &format!("{{\"blob\": \"{}\"}}", "x".repeat(5000)));
+    home.capture(6, "Later");
     home.external(&receiver.endpoint());
-    let (run, report) = home.now(&["--retries", "0"]);
-    run.expect(4);
-    assert_eq!(report["terminal_failed"], 1);
-    assert_eq!(home.ledger_status(&big, &receiver.base()).as_deref(), Some("terminal_failed"));
 
-    // A drain of newer events is running when the operator requeues the parked one.
-    home.capture(4, "Later");
-    let requests = receiver.dump().batch_requests;
-    let drain = home.spawn(&["now", "--batch-events", "2", "--json"]);
-    wait_until(Duration::from_secs(10), "the drain's first batch", || receiver.dump().batch_requests > requests);
-    let run = home.run(&["retry", "--all-parked"]).expect(0);
-    assert!(run.stdout.contains("Requeued 1"), "{}", run.stdout);
-    let first = finish(drain, Duration::from_secs(20));
-    assert!(first.code == 0 || first.code == 4, "{first:?}");
+    // One event per batch: the drain parks the big one first (413 alone), then goes on.
+    let drain = home.spawn(&["now", "--batch-events", "1", "--retries", "0", "--json"]);
+    wait_until(Duration::from_secs(20), "the drain to park the big event", || {
+        let targets = home.inspect(&big)["targets"].clone();
+        targets.as_array().is_some_and(|t| t.iter().any(|t| t["status"] == "terminal_failed"))
+    });
+    let busy = home.run(&["retry", &big]);
+    assert_eq!(busy.code, 5, "{busy:?}");
+    assert!(busy.stderr.contains("hint:") && busy.stderr.contains("--wait"), "{}", busy.stderr);
+    let waited = home.run(&["retry", &big, "--wait", "30"]).expect(0);
+    assert!(waited.stdout.contains("Requeued 1"), "{}", waited.stdout);
+    let first = finish(drain, Duration::from_secs(30));
+    assert_eq!(first.code, 4, "{first:?}");
+    assert_eq!(first.json()["delivered"], 6);
 
-    // The requeued event is due: the next drain sends it (and it is parked again: 413 alone).
+    // The requeued event is due: the next drain selects it (and parks it again: 413 alone).
     assert_eq!(home.ledger_status(&big, &receiver.base()).as_deref(), Some("pending"));
     let (run, report) = home.now(&["--retries", "0"]);
     run.expect(4);

@@ -53,6 +53,35 @@ fn retry_after_of_a_429_is_honoured() {
     assert_eq!(common::target_of(&inspection, &receiver.base())["attempts"][0]["http_status"], 429);
 }
 
+/// Issue 10, defect 7: `Retry-After` as an HTTP date is honoured (the drain waits until then).
+#[test]
+fn retry_after_as_an_http_date_is_honoured() {
+    let home = Home::new();
+    let ids = home.capture(2, "Dated");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&refused);
+    let server = FakeServer::start(move |request| {
+        if !request.is_batch() {
+            return FakeResponse::text(404, "no such page");
+        }
+        if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+            return FakeResponse::all_success(request);
+        }
+        let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+        let mut reply = FakeResponse::json(503, &json!({ "error": "maintenance" }));
+        reply.headers.push(("Retry-After".into(), at.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string()));
+        reply
+    });
+    home.external(&server.endpoint());
+    let (run, report) = home.now(&["--retries", "1"]);
+    run.expect(0);
+    assert_eq!(report["delivered"], 2);
+    // Our own first backoff step is at most 0.5 s; the date asked for 2–3 s.
+    assert!(report["elapsed_ms"].as_u64().unwrap() >= 1900, "waited for the date: {report:#}");
+    assert_eq!(refused.load(Ordering::SeqCst), 2);
+    assert_eq!(attempt_outcomes(&home.inspect(&ids[0]), &server.base()), vec!["failed_transient", "success"]);
+}
+
 #[test]
 fn connection_refused_loses_nothing_and_the_next_run_delivers() {
     let home = Home::new();

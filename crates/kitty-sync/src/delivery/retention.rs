@@ -9,6 +9,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use serde::Serialize;
 
 use crate::atomic_write::write_atomically_with;
+use crate::delivery::lock::Change;
 use crate::delivery::target::{self, TargetIdentity};
 use crate::error::{Error, Result, StoreContext};
 use crate::home::Home;
@@ -59,6 +60,14 @@ fn known_targets(store: &Store, current: Option<&TargetIdentity>) -> Result<(i64
     }
 }
 
+/// Checks the lock proof of a real run; returns whether this is a dry run.
+fn applying(store: &Store, change: Change<'_>) -> Result<bool> {
+    match change {
+        Change::DryRun => Ok(true),
+        Change::Apply(lock) => lock.guards(store).map(|()| false),
+    }
+}
+
 const NO_TARGET_NOTE: &str =
     "no delivery target is known yet, so no event is delivered everywhere; run `kitty-sync now` first";
 
@@ -75,8 +84,9 @@ pub fn archive(
     out: Option<&Path>,
     captured_before_ms: Option<i64>,
     current: Option<&TargetIdentity>,
-    dry_run: bool,
+    change: Change<'_>,
 ) -> Result<ArchiveReport> {
+    let dry_run = applying(store, change)?;
     let (targets, unregistered_note) = known_targets(store, current)?;
     let mut report = ArchiveReport { dry_run, archived: 0, out: None, bytes: 0, note: None };
     if targets == 0 {
@@ -189,9 +199,10 @@ const GC_CACHE_KIB: i64 = 65_536;
 pub fn gc(
     store: &mut Store,
     current: Option<&TargetIdentity>,
-    dry_run: bool,
+    change: Change<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<GcReport> {
+    let dry_run = applying(store, change)?;
     let before = store.file_bytes();
     let (targets, unregistered_note) = known_targets(store, current)?;
     let mut report = GcReport {

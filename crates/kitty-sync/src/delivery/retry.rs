@@ -4,7 +4,8 @@
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
-use super::target::{self, TargetRecord};
+use super::lock::DrainLock;
+use super::target::{self, TargetIdentity, TargetRecord};
 use crate::error::{Error, Result, StoreContext};
 use crate::store::Store;
 
@@ -44,13 +45,30 @@ pub struct SkippedEvent {
 
 const REQUEUE_NOTE: &str = "requeued by operator (kitty-sync retry)";
 
+/// [`requeue`] for the target with this identity; `None` when it was never drained to.
+pub fn requeue_for(
+    store: &mut Store,
+    lock: &DrainLock,
+    identity: &TargetIdentity,
+    event_ids: &[String],
+    sel: RetrySelection,
+) -> Result<Option<RetryReport>> {
+    match target::find(store.conn(), identity)? {
+        Some(record) => requeue(store, lock, &record, event_ids, sel).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Requeues `event_ids` (or, when empty, every event of the target in the selected states).
+/// The drain lock guarantees no drain is between selecting and moving its frontier.
 pub fn requeue(
     store: &mut Store,
+    lock: &DrainLock,
     target: &TargetRecord,
     event_ids: &[String],
     sel: RetrySelection,
 ) -> Result<RetryReport> {
+    lock.guards(store)?;
     let statuses = sel.statuses();
     let mut report = RetryReport { target_id: target.target_id.clone(), ..Default::default() };
     let tx = store.conn_mut().transaction().ctx("cannot start the retry")?;

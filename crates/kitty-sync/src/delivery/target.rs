@@ -193,8 +193,8 @@ pub fn record_deployment(conn: &Connection, target: i64, meta: &DeploymentMetada
 
 /// Moves the settled high-water mark (see the schema): only ever set by a drain that walked
 /// the journal in order, or lowered by an operator action that makes events due again.
-/// Compare-and-set against `from`, the mark the drain started at: when an operator's
-/// `retry` lowered it meanwhile (retry does not wait for the drain lock), the lower mark wins.
+/// Both hold the drain lock; the compare-and-set against `from` (the mark the drain started
+/// at) still lets a lower mark win should anything lower it without the lock.
 pub fn set_due_from(conn: &Connection, target: i64, from: i64, seq: i64) -> Result<()> {
     conn.execute("UPDATE targets SET due_from_seq = ?3 WHERE id = ?1 AND due_from_seq = ?2", params![target, from, seq])
         .map(|_| ())

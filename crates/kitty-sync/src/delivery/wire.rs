@@ -2,7 +2,8 @@
 //! a batch becomes one verdict, and per-event statuses become ledger outcomes.
 
 use std::collections::HashMap;
-use std::time::Duration;
+
+pub use super::backoff::RetryAfter;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -36,8 +37,9 @@ impl Outcome {
         matches!(self, Outcome::Success | Outcome::Duplicate)
     }
 
-    /// Never selected again for this target (without an operator's `retry`).
-    pub fn is_settled(self) -> bool {
+    /// Final for this target whatever happened before: delivered, or parked. (Rejections
+    /// settle only by count: see [`crate::store::selection::is_settled`].)
+    pub fn is_terminal(self) -> bool {
         matches!(self, Outcome::Success | Outcome::Duplicate | Outcome::TerminalFailed)
     }
 }
@@ -47,7 +49,14 @@ impl Outcome {
 pub struct HttpReply {
     pub status: u16,
     pub body: Vec<u8>,
-    pub retry_after: Option<Duration>,
+    pub retry_after: Option<RetryAfter>,
+}
+
+impl HttpReply {
+    /// A reply built in memory (tests, fault simulations).
+    pub fn json(status: u16, body: &Value) -> HttpReply {
+        HttpReply { status, body: body.to_string().into_bytes(), retry_after: None }
+    }
 }
 
 /// What the dispatcher must do with a batch.
@@ -56,7 +65,7 @@ pub enum Verdict {
     /// One outcome (with error text) per event, in batch order.
     PerEvent(Vec<(Outcome, Option<String>)>),
     /// Retry the whole batch later; never a content verdict.
-    Transient { error: String, retry_after: Option<Duration> },
+    Transient { error: String, retry_after: Option<RetryAfter> },
     /// 401/403: stop the drain.
     AuthFailed { error: String },
     /// 413 or "too large"/"oversized": split (a single event is parked).
@@ -170,9 +179,9 @@ fn details(body: Option<&Value>) -> Option<HashMap<String, String>> {
     (!named.is_empty()).then_some(named)
 }
 
-/// `Retry-After` in seconds (HTTP dates are ignored: the backoff applies instead).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// `Retry-After`: seconds or an HTTP date (see [`RetryAfter`]).
+pub fn parse_retry_after(value: &str) -> Option<RetryAfter> {
+    RetryAfter::parse(value)
 }
 
 #[cfg(test)]
@@ -253,8 +262,11 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_seconds_only() {
-        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    fn retry_after_seconds_or_http_date() {
+        use std::time::Duration;
+        assert_eq!(parse_retry_after(" 7 "), Some(RetryAfter::Delay(Duration::from_secs(7))));
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(RetryAfter::At(at)));
+        assert_eq!(parse_retry_after("later"), None);
     }
 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::migrate::capture_team;
 use crate::clock::rfc3339_ms;
+use crate::delivery::lock::DrainLock;
 use crate::envelope::{canonical_bytes, is_valid_ulid, sha256_hex};
 use crate::error::{Error, Result, StoreContext};
 use crate::event_journal::begin;
@@ -149,7 +150,16 @@ struct Current {
     event_type: String,
 }
 
-pub fn resolve(store: &mut Store, event_id: &str, keep: Keep, source: Option<&str>) -> Result<Resolution> {
+/// Replacing journal bytes decides what a drain sends, so it needs the drain lock: a batch
+/// with the old bytes is never in flight while "delivered anywhere?" is answered.
+pub fn resolve(
+    store: &mut Store,
+    lock: &DrainLock,
+    event_id: &str,
+    keep: Keep,
+    source: Option<&str>,
+) -> Result<Resolution> {
+    lock.guards(store)?;
     if !is_valid_ulid(event_id) {
         return Err(Error::usage(
             format!("invalid event id {event_id:?}: expected a 26-character ULID"),

@@ -40,6 +40,8 @@ const MIGRATION_CACHE_KIB: i64 = -64 * 1024;
 pub struct MigrateOptions {
     /// Report what a real run would do; write nothing (not even a new store).
     pub dry_run: bool,
+    /// How long a real run waits for a running drain to finish (it takes the drain lock).
+    pub lock_wait: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -317,7 +319,7 @@ pub fn migrate(
     let report = if options.dry_run {
         run_dry(home, probes, &discovery, &records, &mut ticker)?
     } else {
-        run_real(home, probes, &discovery, &records, &mut ticker)?
+        run_real(home, probes, &discovery, &records, &mut ticker, options.lock_wait)?
     };
     (ticker.progress)(ticker.state);
     Ok(report)
@@ -481,8 +483,12 @@ fn run_real(
     discovery: &Discovery,
     records: &Records,
     ticker: &mut Ticker<'_>,
+    lock_wait: std::time::Duration,
 ) -> Result<MigrationReport> {
     let readable = probes.iter().any(|p| matches!(p.input, Input::Open(_)));
+    // Imported events become due for delivery: never beside a running drain.
+    let _lock =
+        if readable { Some(crate::delivery::lock::acquire(home, lock_wait, "`kitty-sync migrate`")?) } else { None };
     // Nothing to import: do not create a store just to say so.
     let mut store = if readable { Some(Store::open(home)?) } else { Store::open_read_only(home)? };
     if let Some(store) = &store {

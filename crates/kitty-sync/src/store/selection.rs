@@ -6,17 +6,42 @@
 
 use rusqlite::{Connection, params};
 
+use crate::delivery::wire::Outcome;
 use crate::error::{Result, StoreContext};
 
 /// A rejected event is re-sent until the same target has rejected it this many times.
 pub const REJECT_LIMIT: i64 = 3;
 
-/// Ledger statuses after which an event is no longer due for that target.
-pub const SETTLED_STATUSES: [&str; 3] = ["success", "duplicate", "terminal_failed"];
+/// THE settled rule: an event needs nothing more from a target (until an operator's
+/// `retry`) once that target's ledger row says success, duplicate or parked, or rejected
+/// [`REJECT_LIMIT`] times. [`is_settled`] is the same rule for a row in hand; a test keeps
+/// the two equal.
+///
+/// `settled_sql!("l")` is the predicate over the ledger row aliased `l`, as a literal so
+/// it can be part of `const` statements.
+macro_rules! settled_sql {
+    ($l:literal) => {
+        concat!(
+            "(",
+            $l,
+            ".status IN ('success', 'duplicate', 'terminal_failed') OR (",
+            $l,
+            ".status = 'rejected' AND ",
+            $l,
+            ".reject_count >= 3))"
+        )
+    };
+}
+pub(crate) use settled_sql;
+
+/// [`settled_sql!`] for a ledger row in hand.
+pub fn is_settled(outcome: Outcome, reject_count: i64) -> bool {
+    outcome.is_terminal() || (outcome == Outcome::Rejected && reject_count >= REJECT_LIMIT)
+}
 
 /// What "due" means, shared by the selection and the count: retained, not coalesced away,
-/// and no ledger row of the current epoch saying success, duplicate, parked, or rejected
-/// `REJECT_LIMIT` times. `?1` is the keyset position, `?2`/`?3` the target and epoch.
+/// and no settled ledger row of the current epoch. `?1` is the keyset position, `?2`/`?3`
+/// the target and epoch.
 macro_rules! due_where {
     ($team:literal) => {
         concat!(
@@ -30,9 +55,9 @@ macro_rules! due_where {
             "
   AND NOT EXISTS (
       SELECT 1 FROM ledger AS l
-      WHERE l.target = ?2 AND l.epoch = ?3 AND l.seq = e.seq
-        AND (l.status IN ('success', 'duplicate', 'terminal_failed')
-             OR (l.status = 'rejected' AND l.reject_count >= 3)))"
+      WHERE l.target = ?2 AND l.epoch = ?3 AND l.seq = e.seq AND ",
+            settled_sql!("l"),
+            ")"
         )
     };
 }
@@ -108,6 +133,22 @@ pub fn select_due(conn: &Connection, query: DueQuery<'_>) -> Result<Vec<DueEvent
     rows.ctx("cannot select due events")
 }
 
+/// In one read snapshot: when nothing is due from `query.from_seq` on, the seq just past the
+/// journal's end (so an event appended meanwhile cannot be skipped); `None` otherwise.
+pub fn end_if_nothing_due(conn: &mut Connection, query: DueQuery<'_>) -> Result<Option<i64>> {
+    let tx = conn.transaction().ctx("cannot start a read")?;
+    let end = if select_due(&tx, DueQuery { limit: 1, ..query })?.is_empty() {
+        let max_seq: i64 = tx
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))
+            .ctx("cannot read the journal")?;
+        Some(max_seq + 1)
+    } else {
+        None
+    };
+    tx.commit().ctx("cannot end a read")?;
+    Ok(end)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +184,28 @@ mod tests {
             // ...and nothing is scanned in full or sorted.
             assert!(!steps.iter().any(|s| s.starts_with("SCAN")), "{joined}");
             assert!(!joined.contains("TEMP B-TREE"), "{joined}");
+        }
+    }
+
+    #[test]
+    fn settled_rule_in_sql_equals_the_rule_in_rust() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Home::at(dir.path())).unwrap();
+        let outcomes = [
+            Outcome::Success,
+            Outcome::Duplicate,
+            Outcome::Pending,
+            Outcome::FailedTransient,
+            Outcome::Rejected,
+            Outcome::TerminalFailed,
+        ];
+        let sql = concat!("SELECT ", settled_sql!("l"), " FROM (SELECT ?1 AS status, ?2 AS reject_count) AS l");
+        for outcome in outcomes {
+            for rejects in 0..=REJECT_LIMIT + 1 {
+                let in_sql: bool =
+                    store.conn().query_row(sql, params![outcome.as_str(), rejects], |r| r.get(0)).unwrap();
+                assert_eq!(in_sql, is_settled(outcome, rejects), "{outcome:?} rejected {rejects} times");
+            }
         }
     }
 

@@ -19,6 +19,11 @@ pub struct JournalCounters {
     pub delivered_any: i64,
 }
 
+/// [`journal_counters`] of a store.
+pub fn journal_counters_of(store: &crate::store::Store) -> Result<JournalCounters> {
+    journal_counters(store.conn())
+}
+
 pub fn journal_counters(conn: &Connection) -> Result<JournalCounters> {
     let mut stmt = conn.prepare_cached("SELECT key, value FROM stats").ctx("cannot read counters")?;
     let map: HashMap<String, i64> = stmt
@@ -124,11 +129,16 @@ pub fn note_delivered(conn: &Connection, target: i64, epoch: i64, seqs: &[i64]) 
 }
 
 /// Events delivered to exactly one other target until now stop being exclusive to it.
+///
+/// The batch drives the join (`CROSS JOIN` fixes the loop order, unary `+` keeps the status
+/// test off the index): one ledger primary-key probe per batch event and other target. Left
+/// to the planner, this walked every delivered ledger row of each other target per batch,
+/// which made re-draining to a new target quadratic in the journal.
 const NOTE_OTHERS_SQL: &str = "
 UPDATE target_stats SET value = value - (
-    SELECT count(*) FROM temp.newly_delivered n
-    JOIN ledger l ON l.seq = n.seq AND l.target = target_stats.target AND l.epoch = target_stats.epoch
-    WHERE n.before = 1 AND l.status IN ('success', 'duplicate'))
+    SELECT count(*) FROM temp.newly_delivered AS n CROSS JOIN ledger AS l
+    WHERE n.before = 1 AND l.target = target_stats.target AND l.epoch = target_stats.epoch AND l.seq = n.seq
+      AND +l.status IN ('success', 'duplicate'))
 WHERE key = 'exclusive' AND target <> ?1
   AND epoch = (SELECT t.epoch FROM targets t WHERE t.id = target_stats.target)";
 
@@ -256,6 +266,73 @@ mod tests {
                 crate::delivery::retention::purge_range(conn, seq, seq + 2, 0, 1).unwrap();
             }
         }
+    }
+
+    /// Virtual-machine steps of `NOTE_OTHERS_SQL` for one 100-event batch of a new target,
+    /// with `others` events already delivered to another target (and, from `third` on, to a
+    /// second one as well).
+    fn note_others_steps(others: i64) -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Home::at(dir.path())).unwrap();
+        let conn = store.conn();
+        conn.execute_batch(&format!(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {others})
+             INSERT INTO events (seq, event_id, event_type, payload_bytes, captured_at, payload_sha256)
+                 SELECT x, 'E' || x, 'T', 10, 0, x'00' FROM c;
+             INSERT INTO targets (id, target_id, kind, canonical_url, first_seen_at, last_seen_at)
+                 VALUES (1, 'a', 'external', 'a', 0, 0), (2, 'b', 'external', 'b', 0, 0), (3, 'c', 'external', 'c', 0, 0);
+             INSERT INTO ledger (target, epoch, seq, status) SELECT 1, 0, seq, 'success' FROM events;
+             INSERT INTO ledger (target, epoch, seq, status) SELECT 2, 0, seq, 'duplicate' FROM events WHERE seq % 2 = 0;
+             UPDATE events SET delivered_targets = 1 + (seq % 2 = 0);
+             CREATE TEMP TABLE newly_delivered AS
+                 SELECT seq, delivered_targets AS before FROM events WHERE seq BETWEEN 1000 AND 1099;"
+        ))
+        .unwrap();
+        let mut stmt = conn.prepare(NOTE_OTHERS_SQL).unwrap();
+        stmt.execute([3]).unwrap();
+        stmt.get_status(rusqlite::StatementStatus::VmStep)
+    }
+
+    /// Regression (issue 10, defect 0): the per-batch bookkeeping of a drain to a new target
+    /// must not grow with what other targets already hold.
+    #[test]
+    fn counting_a_batch_costs_the_same_whatever_other_targets_hold() {
+        let small = note_others_steps(2_000);
+        let large = note_others_steps(40_000);
+        assert!(large <= small + small / 10, "steps grew with the ledger: {small} at 2k, {large} at 40k");
+    }
+
+    #[test]
+    fn note_delivered_keeps_exclusive_counts_for_a_second_and_third_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Home::at(dir.path())).unwrap();
+        let conn = store.conn();
+        conn.execute_batch(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10)
+             INSERT INTO events (seq, event_id, event_type, payload_bytes, captured_at, payload_sha256)
+                 SELECT x, 'E' || x, 'T', 10, 0, x'00' FROM c;
+             INSERT INTO targets (id, target_id, kind, canonical_url, first_seen_at, last_seen_at)
+                 VALUES (1, 'a', 'external', 'a', 0, 0), (2, 'b', 'external', 'b', 0, 0), (3, 'c', 'external', 'c', 0, 0);",
+        )
+        .unwrap();
+        let deliver = |target: i64, seqs: &[i64]| {
+            for seq in seqs {
+                conn.execute(
+                    "INSERT INTO ledger (target, epoch, seq, status) VALUES (?1, 0, ?2, 'success')",
+                    [target, *seq],
+                )
+                .unwrap();
+            }
+            note_delivered(conn, target, 0, seqs).unwrap();
+        };
+        deliver(1, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        deliver(2, &[1, 2, 3, 4, 5, 6]);
+        deliver(3, &[5, 6, 7, 8]);
+        let exclusive = |t| target_counters(conn, t, 0).unwrap().exclusive;
+        assert_eq!((exclusive(1), exclusive(2), exclusive(3)), (2, 0, 0), "9 and 10 only reached target 1");
+        let live = snapshot(conn);
+        rebuild(conn).unwrap();
+        assert_eq!(live, snapshot(conn));
     }
 
     proptest! {
