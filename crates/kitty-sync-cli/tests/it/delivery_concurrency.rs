@@ -132,6 +132,9 @@ fn retry_during_a_drain_is_busy_or_waits_and_is_never_lost() {
     let busy = home.run(&["retry", &big]);
     assert_eq!(busy.code, 5, "{busy:?}");
     assert!(busy.stderr.contains("hint:") && busy.stderr.contains("--wait"), "{}", busy.stderr);
+    // Replacing journal bytes is refused the same way while a batch may be in flight.
+    let resolve = home.run(&["migrate", "resolve", &big, "--keep", "incoming"]);
+    assert_eq!(resolve.code, 5, "{resolve:?}");
     let waited = home.run(&["retry", &big, "--wait", "30"]).expect(0);
     assert!(waited.stdout.contains("Requeued 1"), "{}", waited.stdout);
     let first = finish(drain, Duration::from_secs(30));
