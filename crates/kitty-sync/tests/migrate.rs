@@ -564,10 +564,11 @@ fn different_content_is_a_conflict_and_the_first_bytes_stay() {
     let canon = |s: &str| kitty_sync::envelope::sha256_hex(&kitty_sync::envelope::canonical_bytes(s.as_bytes()));
     assert_eq!(c.existing_sha256, canon(&v1));
     assert_eq!(c.incoming_sha256, canon(&v2));
+    // A read-only open of a quiescent store excludes writers until it closes.
+    drop(store);
     let incoming: Vec<u8> =
         store_conn(&home).query_row("SELECT incoming_envelope FROM migration_conflicts", [], |r| r.get(0)).unwrap();
     assert_eq!(incoming, v2.as_bytes(), "the incoming raw bytes are kept");
-    drop(store);
     run(&home, &authority(None, None), false);
     assert_eq!(count(&home, "SELECT count(*) FROM migration_conflicts"), 1);
 }
