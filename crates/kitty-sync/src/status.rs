@@ -12,7 +12,7 @@ use crate::clock::rfc3339_ms;
 use crate::delivery::receiver::Receiver;
 use crate::delivery::reset::{self, REDRAIN_HINT, ResetDetected};
 use crate::delivery::target::{self, DeploymentMetadata, TargetIdentity, TargetKind, TargetRecord};
-use crate::error::{Result, StoreContext};
+use crate::error::{Error, Result, StoreContext};
 use crate::home::Home;
 use crate::legacy::{self, BodyUploadCompatibility, ConflictSummary, LegacyQueuesReport};
 use crate::mode::EventSyncMode;
@@ -207,6 +207,7 @@ fn check_gates(current: &CurrentDelivery<'_>, problems: &mut Vec<Problem>) {
 }
 
 fn fill_from_store(report: &mut StatusReport, store: &Store, current: &CurrentDelivery<'_>) -> Result<()> {
+    check_pages(store)?;
     let counters = stats::journal_counters(store.conn())?;
     report.event_journal = journal_section(store, &counters)?;
     report.migration_conflicts = legacy::conflict_summary(store)?;
@@ -241,6 +242,28 @@ fn fill_from_store(report: &mut StatusReport, store: &Store, current: &CurrentDe
     report.event_journal.gc_suggestion = gc_suggestion(store, &targets, current_undelivered, &counters)?;
     report.event_journal.gc_suggested = report.event_journal.gc_suggestion.is_some();
     Ok(())
+}
+
+/// Stores up to this size get their pages checked by `status` (about 0.1 s per 70 MB); larger
+/// ones are left to `kitty-sync doctor`, so status stays quick on any store.
+const PAGE_CHECK_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// SQLite's structural check of every page: the counts below come from summary rows, which
+/// would stay plausible over a damaged page; a damaged store is reported instead.
+fn check_pages(store: &Store) -> Result<()> {
+    if store.file_bytes() > PAGE_CHECK_MAX_BYTES {
+        return Ok(());
+    }
+    let first: String =
+        store.conn().query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).ctx("cannot check the store")?;
+    if first == "ok" {
+        return Ok(());
+    }
+    let finding = first.replace("*** in database main ***", "").split_whitespace().collect::<Vec<_>>().join(" ");
+    Err(Error::StoreUnusable {
+        message: format!("{} is damaged: {finding}", store.path().display()),
+        hint: crate::error::disk::CORRUPT_HINT.to_string(),
+    })
 }
 
 fn fill_current_without_store(report: &mut StatusReport, current: &CurrentDelivery<'_>) {

@@ -85,6 +85,13 @@ fn damaged_pages_are_reported_and_never_made_worse() {
         let db = store_path(home.path());
         damage_page(&db, page);
         let readable_before = readable_events(&db);
+        let status = home.run(&["status", "--json"]).json();
+        if status["ok"] == true {
+            assert_eq!(readable_before, ids.len(), "page {page}: status is ok over a damaged store: {status}");
+        } else {
+            let human = home.run(&["status"]);
+            assert!(human.stdout.contains("kitty-sync doctor"), "page {page}: {}", human.stdout);
+        }
         let commands: [&[&str]; 8] = [
             &["status", "--json"],
             &["inspect", &ids[0], "--json"],

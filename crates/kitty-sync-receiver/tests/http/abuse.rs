@@ -268,3 +268,25 @@ fn garbage_on_the_wire_never_stops_the_server() {
     }
     honest_batch(&receiver, 1);
 }
+
+#[test]
+fn a_server_full_of_working_connections_answers_503() {
+    let faults = kitty_sync_receiver::Faults { delay: Duration::from_millis(1500), ..Default::default() };
+    let receiver = Receiver::start(ServerConfig { faults, ..tight_limits(2) });
+    let url = receiver.batch_url();
+    let working: Vec<_> = (0..2u32)
+        .map(|n| {
+            let url = url.clone();
+            std::thread::spawn(move || post_json(&url, &batch(&[envelope(&ulid(n), "Slow")])))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let (status, answer) = raw_exchange(receiver.addr(), b"GET /api/v1/sync/health/ HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert!(started.elapsed() < HONEST_DEADLINE);
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+    for post in working {
+        assert_eq!(post.join().unwrap().statuses(), ["success"], "working connections are never evicted");
+    }
+}
