@@ -110,7 +110,7 @@ macro_rules! with_schema {
         let mut repaired = false;
         loop {
             match $body {
-                Err(e) if !repaired && $store.repair_schema(&$client, &e).await => repaired = true,
+                Err(e) if !repaired && $store.repair_schema(&e).await => repaired = true,
                 result => break result.map_err(pg_error("receiver database request failed")),
             }
         }
@@ -179,21 +179,29 @@ impl PgStore {
     }
 
     /// A writable store that finds its schema gone (dropped by an operator) re-creates it and
-    /// runs the request once more, rather than failing every request until a restart.
-    async fn repair_schema(&self, client: &Client, error: &tokio_postgres::Error) -> bool {
+    /// runs the request once more, rather than failing every request until a restart. The
+    /// migration runs as a task of its own on a connection of its own: a request cancelled by
+    /// its client must not hand a pooled connection back in the middle of the transaction.
+    async fn repair_schema(&self, error: &tokio_postgres::Error) -> bool {
         if !self.writable || error.code() != Some(&SqlState::UNDEFINED_TABLE) {
             return false;
         }
-        match migrate(client, &self.location).await {
-            Ok(()) => {
+        let location = self.location.clone();
+        let repair = tokio::spawn(async move { migrate(&connect_once(&location).await?, &location).await });
+        match repair.await {
+            Ok(Ok(())) => {
                 eprintln!("kitty-sync receiver: the receiver schema was missing in {}; re-created it", self.location);
                 true
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 eprintln!(
                     "kitty-sync receiver: the receiver schema is missing in {} and cannot be re-created: {e}",
                     self.location
                 );
+                false
+            }
+            Err(e) => {
+                eprintln!("kitty-sync receiver: re-creating the receiver schema failed: {e}");
                 false
             }
         }
