@@ -92,8 +92,9 @@ WITH input AS (
 SELECT event_id FROM stored";
 
 const LIST: &str = "
-SELECT seq, event_id, event_type, received_at, envelope, xid < pg_snapshot_xmin(pg_current_snapshot())
-FROM kitty_receiver_events WHERE seq > $1 ORDER BY seq LIMIT $2";
+WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+SELECT seq, event_id, event_type, received_at, envelope, xid < horizon.xmin
+FROM kitty_receiver_events, horizon WHERE seq > $1 ORDER BY seq LIMIT $2";
 
 const RECORD_REQUEST: &str = "
 INSERT INTO kitty_receiver_requests (received_at, http_status, event_count, rejected, error)
