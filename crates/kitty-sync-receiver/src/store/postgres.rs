@@ -11,7 +11,8 @@
 //!   larger `seq` than every row whose id is below `xmin`. A page therefore stops at the first
 //!   row whose transaction is not below `xmin`: everything returned is settled, and anything
 //!   that still commits lands after it. `seq` values are sparse and large; only their order
-//!   matters.
+//!   matters. The price: a transaction left open anywhere in the cluster holds the listing
+//!   back (never makes it skip) until it ends.
 //! - **The database owns the identity.** `server_instance_id` is created by the first schema
 //!   migration; a dropped and re-created schema gets a new one. A replica that finds the schema
 //!   gone re-creates it (under the same lock) rather than failing every request.
