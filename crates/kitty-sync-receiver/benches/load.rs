@@ -1,11 +1,17 @@
-//! Load benchmark of the receiver on loopback, with durable (synchronous=FULL) commits.
+//! Load benchmark of the receiver on loopback, with durable commits.
 //!
+//! SQLite (`synchronous=FULL`):
 //! 1. one client posting 1,000-event gzip batches of ~500-byte events: events/s;
 //! 2. four concurrent clients doing the same: p50/p99 latency per batch.
 //!
+//! PostgreSQL (needs `KITTY_SYNC_TEST_PG_URL`, e.g. through `scripts/pg-test-cluster run`):
+//! 3. two replicas on one database, four clients each, the same batches: aggregate events/s
+//!    and p50/p99 latency per batch;
+//! 4. listing 1,000,000 stored events page by page (`limit=1000`) through one replica.
+//!
 //! Bounded in count and time; stops by itself. Batches are built and compressed before the
 //! clock starts, so the numbers are the server's (plus loopback HTTP), not the client's gzip.
-//! Run: `cargo bench -p kitty-sync-receiver --bench load`
+//! Run: `cargo bench -p kitty-sync-receiver --bench load [-- sqlite|pg]`
 
 use std::io::Write;
 use std::sync::Arc;
@@ -13,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStore};
+use kitty_sync_receiver::testing::PgScratch;
+use kitty_sync_receiver::{PgLocation, PgStore, ReceiverStore, RunningServer, ServerConfig, SqliteStore};
 
 const EVENTS_PER_BATCH: usize = 1_000;
 const SINGLE_CLIENT_BATCHES: usize = 60;
@@ -24,7 +31,26 @@ const PHASE_TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Each phase runs this many times on fresh ids: on a shared machine one run can be unlucky.
 const ROUNDS: usize = 3;
 
+const PG_REPLICAS: usize = 2;
+const PG_CLIENTS_PER_REPLICA: usize = 4;
+const PG_BATCHES_PER_CLIENT: usize = 15;
+const PG_LISTED_EVENTS: i64 = 1_000_000;
+
 fn main() {
+    let chosen: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wants = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
+    if wants("sqlite") {
+        sqlite_bench();
+    }
+    if wants("pg") {
+        match PgScratch::new() {
+            Some(scratch) => pg_bench(&scratch),
+            None => println!("PostgreSQL: skipped (no KITTY_SYNC_TEST_PG_URL; see scripts/pg-test-cluster)"),
+        }
+    }
+}
+
+fn sqlite_bench() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("bench.db");
     let store: Arc<dyn ReceiverStore> = Arc::new(SqliteStore::open(&db).expect("open store"));
@@ -72,6 +98,99 @@ fn main() {
         stored.batch_requests,
         std::fs::metadata(&db).map(|m| m.len() / (1024 * 1024)).unwrap_or(0)
     );
+}
+
+fn pg_bench(scratch: &PgScratch) {
+    let location = PgLocation::parse(&scratch.url(), None).expect("test URL");
+    let replicas: Vec<RunningServer> = (0..PG_REPLICAS)
+        .map(|_| {
+            let store = PgStore::open(&location, 8).expect("open PostgreSQL store");
+            RunningServer::start("127.0.0.1:0".parse().expect("addr"), ServerConfig::default(), store)
+                .expect("start replica")
+        })
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(|r| format!("{}/api/v1/events/batch/", r.url())).collect();
+    let mut ids = IdSource::default();
+    for url in &urls {
+        post_all(url, &build_batches(&mut ids, 2), PHASE_TIME_LIMIT);
+    }
+    println!(
+        "PostgreSQL: {PG_REPLICAS} replicas x {PG_CLIENTS_PER_REPLICA} clients, {EVENTS_PER_BATCH}-event gzip batches"
+    );
+    for round in 1..=2 {
+        let per_client: Vec<(usize, Vec<Batch>)> = (0..PG_REPLICAS * PG_CLIENTS_PER_REPLICA)
+            .map(|client| (client % PG_REPLICAS, build_batches(&mut ids, PG_BATCHES_PER_CLIENT)))
+            .collect();
+        let (started, cpu) = (Instant::now(), cpu_seconds());
+        let mut latencies: Vec<f64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_client
+                .iter()
+                .map(|(replica, batches)| {
+                    let url = &urls[*replica];
+                    scope.spawn(move || post_all(url, batches, PHASE_TIME_LIMIT))
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("client thread")).collect()
+        });
+        let (elapsed, cpu) = (started.elapsed(), cpu_seconds() - cpu);
+        latencies.sort_by(f64::total_cmp);
+        report(&format!("round {round}, {} clients", per_client.len()), &latencies, elapsed, cpu);
+    }
+    fill_to(scratch, PG_LISTED_EVENTS);
+    let base = replicas[0].url();
+    for round in 1..=2 {
+        let started = Instant::now();
+        let (events, pages) = list_all(&base);
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "round {round}, listing: {events} events in {pages} pages in {elapsed:.2} s = {:.0} events/s",
+            events as f64 / elapsed
+        );
+    }
+}
+
+/// Tops the store up to `total` events with one SQL statement (envelopes like the posted
+/// ones, ~500 bytes), committed before the listing starts, so every row is settled.
+fn fill_to(scratch: &PgScratch, total: i64) {
+    let held: i64 = scratch.query_column("SELECT count(*) FROM kitty_receiver_events")[0].parse().expect("count");
+    let missing = total - held;
+    if missing <= 0 {
+        return;
+    }
+    let started = Instant::now();
+    scratch.sql(&format!(
+        "INSERT INTO kitty_receiver_events (seq, event_id, event_type, received_at, xid, envelope)
+         SELECT (pg_current_xact_id()::text::bigint << 24) + g, 'FILL' || lpad(g::text, 22, '0'), 'WPStatusChanged',
+                '2026-05-01T12:00:00.000000Z', pg_current_xact_id(),
+                format('{{\"event_id\": \"%s\", \"event_type\": \"WPStatusChanged\", \"aggregate_id\": \"WP07\", \"aggregate_type\": \"WorkPackage\", \"schema_version\": \"3.0.0\", \"timestamp\": \"2026-05-01T12:00:00.000000+00:00\", \"node_id\": \"a1b2c3d4e5f6\", \"lamport_clock\": %s, \"team_slug\": \"kitty-team\", \"project_uuid\": null, \"payload\": {{\"from_lane\": \"doing\", \"to_lane\": \"for_review\", \"actor\": \"claude\", \"note\": \"%s\", \"mission_slug\": \"042-event-sync\"}}}}',
+                       'FILL' || lpad(g::text, 22, '0'), g, md5(g::text) || md5((g + 1)::text) || md5((g + 2)::text) || md5((g + 3)::text))
+         FROM generate_series(1, {missing}) AS g;
+         ANALYZE kitty_receiver_events"
+    ));
+    println!("filled {missing} events by SQL in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Pages through everything a replica lists, `limit=1000` at a time; (events, pages).
+fn list_all(base: &str) -> (usize, usize) {
+    #[derive(serde::Deserialize)]
+    struct Page {
+        events: Vec<serde::de::IgnoredAny>,
+        next_after: i64,
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+    let (mut after, mut events, mut pages) = (0i64, 0usize, 0usize);
+    loop {
+        let url = format!("{base}/api/v1/events/?after={after}&limit=1000");
+        let mut response = agent.get(&url).call().expect("list events");
+        let body = response.body_mut().with_config().limit(64 * 1024 * 1024).read_to_string().expect("read page");
+        let page: Page = serde_json::from_str(&body).expect("page JSON");
+        if page.events.is_empty() {
+            return (events, pages);
+        }
+        events += page.events.len();
+        pages += 1;
+        after = page.next_after;
+    }
 }
 
 /// `cpu` is the process's CPU time (server and client threads), which, unlike wall time,

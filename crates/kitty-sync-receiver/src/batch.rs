@@ -125,7 +125,7 @@ pub(crate) fn store_failure(error: &StoreError) -> Failure {
     match error {
         StoreError::Busy { .. } => Failure {
             retry_after: true,
-            ..Failure::new(503, format!("receiver database is busy, retry later: {error}"))
+            ..Failure::new(503, format!("receiver database is busy or unavailable, retry later: {error}"))
         },
         StoreError::Backend { .. } if disk_full(error) => Failure {
             retry_after: true,

@@ -11,7 +11,8 @@ use std::str::FromStr;
 #[derive(Debug, Clone)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
-    Postgres(PgLocation),
+    /// Boxed: a driver configuration is large next to a path.
+    Postgres(Box<PgLocation>),
 }
 
 /// A PostgreSQL database to connect to, with the password (from the URL or `PGPASSWORD`)
@@ -44,7 +45,7 @@ impl StoreLocation {
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            return PgLocation::parse(text, pg_password).map(StoreLocation::Postgres);
+            return PgLocation::parse(text, pg_password).map(|pg| StoreLocation::Postgres(Box::new(pg)));
         }
         Err(LocationError {
             message: format!("unsupported --store {:?}", redact_url(text)),
@@ -174,6 +175,7 @@ fn take_query_param(url: &str, name: &str) -> (String, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn passwords_are_never_shown() {
@@ -190,7 +192,7 @@ mod tests {
     #[test]
     fn store_urls() {
         assert!(
-            matches!(StoreLocation::parse("sqlite:./r.db", None), Ok(StoreLocation::Sqlite(p)) if p == PathBuf::from("./r.db"))
+            matches!(StoreLocation::parse("sqlite:./r.db", None), Ok(StoreLocation::Sqlite(p)) if p == Path::new("./r.db"))
         );
         assert!(StoreLocation::parse("sqlite:", None).is_err());
         let Ok(StoreLocation::Postgres(pg)) = StoreLocation::parse("postgresql://u@h:7/db", Some("fromenv")) else {

@@ -11,7 +11,8 @@
 //!   larger `seq` than every row whose id is below `xmin`. A page therefore stops at the first
 //!   row whose transaction is not below `xmin`: everything returned is settled, and anything
 //!   that still commits lands after it. `seq` values are sparse and large; only their order
-//!   matters.
+//!   matters. The price: a transaction left open anywhere in the cluster holds the listing
+//!   back (never makes it skip) until it ends.
 //! - **The database owns the identity.** `server_instance_id` is created by the first schema
 //!   migration; a dropped and re-created schema gets a new one. A replica that finds the schema
 //!   gone re-creates it (under the same lock) rather than failing every request.
@@ -21,7 +22,7 @@
 //! Tables are created unqualified, in the first schema of the connection's `search_path`
 //! (`public` by default; `?options=-csearch_path%3DNAME` in the URL picks another).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::error::Error as StdError;
 use std::time::Duration;
 
@@ -92,12 +93,20 @@ WITH input AS (
 SELECT event_id FROM stored";
 
 const LIST: &str = "
-SELECT seq, event_id, event_type, received_at, envelope, xid < pg_snapshot_xmin(pg_current_snapshot())
-FROM kitty_receiver_events WHERE seq > $1 ORDER BY seq LIMIT $2";
+WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+SELECT seq, event_id, event_type, received_at, envelope, xid < horizon.xmin
+FROM kitty_receiver_events, horizon WHERE seq > $1 ORDER BY seq LIMIT $2";
 
 const RECORD_REQUEST: &str = "
 INSERT INTO kitty_receiver_requests (received_at, http_status, event_count, rejected, error)
 VALUES ($1, $2, $3, $4, $5)";
+
+/// One statement, so every count comes from one snapshot: a row per answered status (or one
+/// row with NULL status when no batch was recorded yet), each with the event totals.
+const STATS: &str = "
+SELECT e.n, e.last_seq, r.http_status, r.n
+FROM (SELECT count(*) AS n, coalesce(max(seq), 0) AS last_seq FROM kitty_receiver_events) e
+LEFT JOIN (SELECT http_status, count(*) AS n FROM kitty_receiver_requests GROUP BY http_status) r ON true";
 
 const INSTANCE_ID: &str = "SELECT value FROM kitty_receiver_meta WHERE key = 'server_instance_id'";
 
@@ -110,7 +119,7 @@ macro_rules! with_schema {
         let mut repaired = false;
         loop {
             match $body {
-                Err(e) if !repaired && $store.repair_schema(&$client, &e).await => repaired = true,
+                Err(e) if !repaired && $store.repair_schema(&e).await => repaired = true,
                 result => break result.map_err(pg_error("receiver database request failed")),
             }
         }
@@ -179,21 +188,29 @@ impl PgStore {
     }
 
     /// A writable store that finds its schema gone (dropped by an operator) re-creates it and
-    /// runs the request once more, rather than failing every request until a restart.
-    async fn repair_schema(&self, client: &Client, error: &tokio_postgres::Error) -> bool {
+    /// runs the request once more, rather than failing every request until a restart. The
+    /// migration runs as a task of its own on a connection of its own: a request cancelled by
+    /// its client must not hand a pooled connection back in the middle of the transaction.
+    async fn repair_schema(&self, error: &tokio_postgres::Error) -> bool {
         if !self.writable || error.code() != Some(&SqlState::UNDEFINED_TABLE) {
             return false;
         }
-        match migrate(client, &self.location).await {
-            Ok(()) => {
+        let location = self.location.clone();
+        let repair = tokio::spawn(async move { migrate(&connect_once(&location).await?, &location).await });
+        match repair.await {
+            Ok(Ok(())) => {
                 eprintln!("kitty-sync receiver: the receiver schema was missing in {}; re-created it", self.location);
                 true
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 eprintln!(
                     "kitty-sync receiver: the receiver schema is missing in {} and cannot be re-created: {e}",
                     self.location
                 );
+                false
+            }
+            Err(e) => {
+                eprintln!("kitty-sync receiver: re-creating the receiver schema failed: {e}");
                 false
             }
         }
@@ -295,32 +312,18 @@ impl PgStore {
     }
 
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let (counts, by_status) = with_schema!(self, c => async {
-                // One snapshot for all counts.
-                c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-                let counts = c
-                    .query_one("SELECT count(*), coalesce(max(seq), 0) FROM kitty_receiver_events", &[])
-                    .await;
-                let by_status = c
-                    .query("SELECT http_status, count(*) FROM kitty_receiver_requests GROUP BY http_status", &[])
-                    .await;
-                let end = c.batch_execute(if counts.is_ok() && by_status.is_ok() { "COMMIT" } else { "ROLLBACK" });
-                end.await?;
-                Ok((counts?, by_status?))
-            }
-            .await)?;
+        let rows = with_schema!(self, c => c.query(STATS, &[]).await)?;
         let read = pg_error("cannot count events");
-        let event_count: i64 = counts.try_get(0).map_err(&read)?;
-        let last_seq: i64 = counts.try_get(1).map_err(&read)?;
-        let mut stats = StoreStats {
-            event_count: u64::try_from(event_count).unwrap_or(0),
-            last_seq,
-            batch_requests: 0,
-            batch_requests_by_status: BTreeMap::new(),
-        };
-        for row in by_status {
-            let status: i32 = row.try_get(0).map_err(&read)?;
-            let count = u64::try_from(row.try_get::<_, i64>(1).map_err(&read)?).unwrap_or(0);
+        let mut stats = StoreStats::default();
+        for row in rows {
+            stats.event_count = u64::try_from(row.try_get::<_, i64>(0).map_err(&read)?).unwrap_or(0);
+            stats.last_seq = row.try_get(1).map_err(&read)?;
+            let (Some(status), Some(count)) =
+                (row.try_get::<_, Option<i32>>(2).map_err(&read)?, row.try_get::<_, Option<i64>>(3).map_err(&read)?)
+            else {
+                continue;
+            };
+            let count = u64::try_from(count).unwrap_or(0);
             stats.batch_requests += count;
             stats.batch_requests_by_status.insert(u16::try_from(status).unwrap_or(0), count);
         }

@@ -48,7 +48,7 @@ macro_rules! both_stores {
 /// Where a test receiver keeps its events.
 pub enum Place {
     Sqlite(PathBuf),
-    Postgres { scratch: PgScratch, location: PgLocation },
+    Postgres { scratch: PgScratch, location: Box<PgLocation> },
 }
 
 impl Place {
@@ -57,7 +57,7 @@ impl Place {
             Backend::Sqlite => Place::Sqlite(dir.join("r.db")),
             Backend::Postgres => {
                 let scratch = PgScratch::new().expect("KITTY_SYNC_TEST_PG_URL is set");
-                let location = PgLocation::parse(&scratch.url(), None).unwrap();
+                let location = Box::new(PgLocation::parse(&scratch.url(), None).unwrap());
                 Place::Postgres { scratch, location }
             }
         }
