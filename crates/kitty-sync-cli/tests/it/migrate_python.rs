@@ -387,3 +387,24 @@ fn conflicts_across_python_sources_are_listed_and_resolvable() {
     assert!(home.stored_envelope(&id).contains("\"edited\": true"));
     home.run(&["migrate"]).expect(0);
 }
+
+#[test]
+fn a_source_locked_by_a_writer_is_skipped_until_it_is_free() {
+    let home = home_from("public", "alice@example.com");
+    let journal = home.path().join("event_journal/journal-local.db");
+    // The Python CLI in the middle of a write transaction (a real lock, held by this process).
+    let writer = Connection::open(&journal).unwrap();
+    writer.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let run = home.run(&["migrate", "--json"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let doc = run.json();
+    let locked: Vec<&Value> = doc["sources"].as_array().unwrap().iter().filter(|s| !s["error"].is_null()).collect();
+    assert_eq!(locked.len(), 1, "{doc}");
+    assert!(locked[0]["path"].as_str().unwrap().ends_with("journal-local.db"));
+    assert!(locked[0]["error"].as_str().unwrap().contains("locked"), "{doc}");
+    assert_eq!(doc["totals"]["imported"], 97, "the other journal is imported");
+    writer.execute_batch("COMMIT").unwrap();
+    drop(writer);
+    let doc = home.run(&["migrate", "--json"]).expect(0).json();
+    assert_eq!(doc["totals"]["imported"], 20, "imported once free");
+}

@@ -1250,8 +1250,9 @@ fn count_imported_deliveries(tx: &Transaction<'_>, delivered: &HashMap<(i64, i64
 /// `before` = terminal deliveries an event had before this source, `added` = targets this
 /// source delivered it to (all first deliveries in the targets' current epochs).
 const IMPORTED_COUNTS_SQL: &str = "
-CREATE TEMP TABLE imported_counts AS
-    SELECT d.seq AS seq, count(*) AS added, (SELECT e.delivered_targets FROM events e WHERE e.seq = d.seq) AS before
+CREATE TEMP TABLE imported_counts (seq INTEGER PRIMARY KEY, added INTEGER NOT NULL, before INTEGER NOT NULL);
+INSERT INTO temp.imported_counts (seq, added, before)
+    SELECT d.seq, count(*), (SELECT e.delivered_targets FROM events e WHERE e.seq = d.seq)
     FROM temp.imported_delivery d GROUP BY d.seq;
 CREATE INDEX temp.imported_counts_by_before ON imported_counts (before, added);
 -- Its only delivery so far: now exclusive to the one target that received it.
