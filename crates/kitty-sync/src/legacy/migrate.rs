@@ -425,7 +425,7 @@ struct RunFindings {
 }
 
 enum Input {
-    Open(Opened),
+    Open(Box<Opened>),
     /// A Python store unchanged since a clean import: nothing to read.
     Unchanged(Summary),
     Failed(String),
@@ -446,7 +446,7 @@ impl Probe {
         let input = match fingerprint.as_deref().and_then(|f| records.unchanged(file, f)) {
             Some(summary) => Input::Unchanged(summary.clone()),
             None => match source::open(file) {
-                Ok(opened) => Input::Open(opened),
+                Ok(opened) => Input::Open(Box::new(opened)),
                 Err(reason) => Input::Failed(reason),
             },
         };
@@ -497,7 +497,7 @@ fn run_real(
     for probe in probes {
         let Probe { file, input, fingerprint, mut report } = probe;
         let opened = match input {
-            Input::Open(opened) => opened,
+            Input::Open(opened) => *opened,
             Input::Failed(reason) => {
                 reports.push(report.failed(reason));
                 continue;
@@ -580,7 +580,7 @@ fn run_dry(
     for probe in probes {
         let Probe { input, mut report, .. } = probe;
         let opened = match input {
-            Input::Open(opened) => opened,
+            Input::Open(opened) => *opened,
             Input::Failed(reason) => {
                 reports.push(report.failed(reason));
                 continue;
