@@ -4,13 +4,13 @@
 //! with nothing new ≤ 0.5 s. Run with `cargo bench -p kitty-sync --bench migrate_python`.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
 use kitty_sync::home::Home;
 use kitty_sync::legacy::{self, MigrateOptions};
 use rusqlite::{Connection, params};
-use support::{Phase, cpu_time};
+use support::{Phase, event_id, generated_home, timed};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -24,17 +24,6 @@ const RERUN_TARGET: Duration = Duration::from_millis(500);
 const JOURNAL_DDL: &str = include_str!("../tests/data/spec_kitty_324_journal.sql");
 const TARGETS_DDL: &str = include_str!("../tests/data/spec_kitty_324_targets.sql");
 const LEDGER_DDL: &str = include_str!("../tests/data/spec_kitty_324_ledger.sql");
-
-fn event_id(n: usize) -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    let mut out = *b"01M80000000000000000000000";
-    let mut v = n;
-    for slot in out.iter_mut().rev().take(10) {
-        *slot = ALPHABET[v % 32];
-        v /= 32;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// A 3.2.4 envelope: `json.dumps(envelope, sort_keys=True)` (default separators).
 fn envelope(id: &str, n: usize) -> String {
@@ -72,7 +61,7 @@ fn generate(home: &Path) {
                 .expect("prepare");
             for i in 0..per {
                 let n = j * per + i;
-                let id = event_id(n);
+                let id = event_id("01M8", n);
                 let at = format!("2026-11-29T18:{:02}:{:02}.{:06}+00:00", n / 60_000 % 60, n / 1000 % 60, n % 1000);
                 insert.execute(params![id, envelope(&id, n).into_bytes(), at]).expect("insert");
             }
@@ -110,7 +99,9 @@ fn generate(home: &Path) {
                     4 => "duplicate",
                     _ => "success",
                 };
-                insert.execute(params![event_id(n), target_id(t), status, 1 + (n % 3) as i64]).expect("ledger row");
+                insert
+                    .execute(params![event_id("01M8", n), target_id(t), status, 1 + (n % 3) as i64])
+                    .expect("ledger row");
             }
         }
     }
@@ -118,19 +109,11 @@ fn generate(home: &Path) {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let home_dir = dir.path().join("home");
-    let started = Instant::now();
-    generate(&home_dir);
-    let generated = started.elapsed();
+    let (_dir, home_dir, generated) = generated_home(generate);
     let home = Home::at(&home_dir);
     let authority = TargetAuthority::resolve(&AuthorityInputs::default());
-    let timed = || {
-        let cpu = cpu_time();
-        let started = Instant::now();
-        let report = legacy::migrate(&home, &authority, &MigrateOptions::default(), &mut |_| {}).expect("import runs");
-        (Phase { wall: started.elapsed(), cpu: cpu_time().saturating_sub(cpu) }, report)
-    };
+    let timed =
+        || timed(|| legacy::migrate(&home, &authority, &MigrateOptions::default(), &mut |_| {}).expect("import runs"));
     let (import, report) = timed();
     assert_eq!(report.totals.imported, EVENTS as u64);
     assert_eq!(report.totals.ledger_rows, (EVENTS * TARGETS) as u64);

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
 use kitty_sync::delivery::retry::{RetrySelection, release_not_consented, requeue};
@@ -16,13 +16,8 @@ use rusqlite::{Connection, params};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn shared_fixtures() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|dir| dir.join("shared/fixtures"))
-        .find(|dir| dir.is_dir())
-        .unwrap_or_else(|| here.join("../../../shared/fixtures"))
-}
+mod support;
+use support::{copy_tree, shared_fixtures, unconsented_ids};
 
 fn fixture(name: &str) -> PathBuf {
     shared_fixtures().join("python-stores").join(name)
@@ -30,23 +25,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn manifest(name: &str) -> Value {
     serde_json::from_slice(&fs::read(fixture(name).join("manifest.json")).unwrap()).unwrap()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-            let mut perms = fs::metadata(&target).unwrap().permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perms.set_readonly(false);
-            fs::set_permissions(&target, perms).unwrap();
-        }
-    }
 }
 
 fn fixture_home(name: &str) -> (tempfile::TempDir, Home) {
@@ -172,13 +150,7 @@ fn spec_kitty_327_fixture_matches_its_manifest_and_holds_unconsented_events() {
     assert_eq!(report.totals.targets, 2);
     assert!(report.sources.iter().all(|s| s.kind == SourceKind::ProjectStore && s.scope_status.is_none()));
     check_against_manifest(&home, &m);
-    let held: BTreeSet<String> = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["epoch_state_by_source"].as_object().is_some_and(|s| !s.values().any(|v| v == "eligible")))
-        .map(|e| e["event_id"].as_str().unwrap().to_string())
-        .collect();
+    let held = unconsented_ids(&m);
     assert_eq!(report.totals.not_consented, held.len() as u64);
     let stored: BTreeSet<String> = {
         let conn = conn(&home);

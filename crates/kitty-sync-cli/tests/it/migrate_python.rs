@@ -23,27 +23,11 @@ fn manifest(name: &str) -> Value {
     serde_json::from_slice(&fs::read(fixture(name).join("manifest.json")).unwrap()).unwrap()
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-            let mut perms = fs::metadata(&target).unwrap().permissions();
-            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-            fs::set_permissions(&target, perms).unwrap();
-        }
-    }
-}
-
 /// A home holding a copy of the fixture's `home/`, logged in to the fixture's Private
 /// Teamspace as `user`, with Teamspace sync enabled.
 fn home_from(name: &str, user: &str) -> Home {
     let mut home = Home::new();
-    copy_tree(&fixture(name).join("home"), home.path());
+    crate::common::copy_tree(&fixture(name).join("home"), home.path());
     home.write_credentials(&format!(
         "[tokens]\naccess = \"tok\"\nrefresh = \"r\"\n\n[user]\nusername = \"{user}\"\nteam_slug = \"tm-alice-private\"\n"
     ));
@@ -130,13 +114,7 @@ fn expect(m: &Value, python_target: &str) -> Expect {
         })
         .map(|l| l["event_id"].as_str().unwrap().to_string())
         .collect();
-    let not_consented = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["epoch_state_by_source"].as_object().is_some_and(|s| !s.values().any(|v| v == "eligible")))
-        .map(|e| e["event_id"].as_str().unwrap().to_string())
-        .collect();
+    let not_consented = common::unconsented_ids(m);
     Expect {
         all: map(strings(&m["expected_import"]["unique_event_ids"])),
         not_resend: map(strings(&t["must_not_resend"])),

@@ -431,6 +431,29 @@ enum Input {
     Failed(String),
 }
 
+impl Input {
+    /// The source to read; a failed or unchanged one is reported right away instead.
+    fn into_opened(
+        self,
+        report: SourceReport,
+        reports: &mut Vec<SourceReport>,
+        findings: &mut RunFindings,
+    ) -> Option<(Opened, SourceReport)> {
+        match self {
+            Input::Open(opened) => Some((*opened, report)),
+            Input::Failed(reason) => {
+                reports.push(report.failed(reason));
+                None
+            }
+            Input::Unchanged(summary) => {
+                reports.push(report.unchanged(&summary));
+                findings.unchanged_summaries.push(summary);
+                None
+            }
+        }
+    }
+}
+
 struct Probe {
     file: SourceFile,
     input: Input,
@@ -495,19 +518,8 @@ fn run_real(
     let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { file, input, fingerprint, mut report } = probe;
-        let opened = match input {
-            Input::Open(opened) => *opened,
-            Input::Failed(reason) => {
-                reports.push(report.failed(reason));
-                continue;
-            }
-            Input::Unchanged(summary) => {
-                reports.push(report.unchanged(&summary));
-                findings.unchanged_summaries.push(summary);
-                continue;
-            }
-        };
+        let Probe { file, input, fingerprint, report } = probe;
+        let Some((opened, mut report)) = input.into_opened(report, &mut reports, &mut findings) else { continue };
         report.body_upload_rows = opened.body_upload_rows();
         let Some(store) = store.as_mut() else {
             return Err(Error::internal("the store was not opened", "run the command again"));
@@ -578,19 +590,8 @@ fn run_dry(
     let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { input, mut report, .. } = probe;
-        let opened = match input {
-            Input::Open(opened) => *opened,
-            Input::Failed(reason) => {
-                reports.push(report.failed(reason));
-                continue;
-            }
-            Input::Unchanged(summary) => {
-                reports.push(report.unchanged(&summary));
-                findings.unchanged_summaries.push(summary);
-                continue;
-            }
-        };
+        let Probe { input, report, .. } = probe;
+        let Some((opened, mut report)) = input.into_opened(report, &mut reports, &mut findings) else { continue };
         report.body_upload_rows = opened.body_upload_rows();
         sink.begin_source();
         let mut found = SourceFindings::default();
