@@ -3,12 +3,16 @@
 //! Target: ≤ 3 s. Run with `cargo bench -p kitty-sync --bench migrate`.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kitty_sync::authority::{AuthorityInputs, TargetAuthority};
 use kitty_sync::home::Home;
 use kitty_sync::legacy::{self, MigrateOptions};
 use rusqlite::{Connection, params};
+use support::{event_id, generated_home, timed};
+
+#[path = "support/mod.rs"]
+mod support;
 
 const FILES: usize = 10;
 const ROWS: usize = 100_000;
@@ -16,18 +20,6 @@ const TARGET: Duration = Duration::from_secs(3);
 
 /// spec-kitty-cli 3.2.3's `OfflineQueue` schema, verbatim (shared with the migration tests).
 const DDL_323: &str = include_str!("../tests/data/spec_kitty_323_queue.sql");
-
-/// A 26-character Crockford id, unique per (file, row).
-fn event_id(n: usize) -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
-    let mut out = *b"01KJ0000000000000000000000";
-    let mut v = n;
-    for slot in out.iter_mut().rev().take(10) {
-        *slot = ALPHABET[v % 32];
-        v /= 32;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// An envelope as spec-kitty 3.2.3 wrote it: `json.dumps` defaults, insertion order.
 fn envelope(id: &str, n: usize) -> String {
@@ -62,7 +54,7 @@ fn generate(home: &Path) {
                 .expect("prepare");
             for i in 0..per_file {
                 let n = f * per_file + i;
-                let id = event_id(n);
+                let id = event_id("01KJ", n);
                 insert.execute(params![id, envelope(&id, n), 1_772_208_308 + n as i64]).expect("insert");
             }
         }
@@ -71,11 +63,7 @@ fn generate(home: &Path) {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let home_dir = dir.path().join("home");
-    let started = Instant::now();
-    generate(&home_dir);
-    let generated = started.elapsed();
+    let (_dir, home_dir, generated) = generated_home(generate);
     let legacy_bytes: u64 = std::fs::read_dir(home_dir.join("queues"))
         .expect("list")
         .filter_map(|e| e.ok()?.metadata().ok())
@@ -85,11 +73,7 @@ fn main() {
     let authority = TargetAuthority::resolve(&AuthorityInputs::default());
 
     let timed = |dry_run: bool| {
-        let cpu = cpu_time();
-        let started = Instant::now();
-        let report = legacy::migrate(&home, &authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {})
-            .expect("migration runs");
-        (Phase { wall: started.elapsed(), cpu: cpu_time().saturating_sub(cpu) }, report)
+        timed(|| legacy::migrate(&home, &authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {}).expect("migration runs"))
     };
     let (dry, dry_report) = timed(true);
     let (real, report) = timed(false);
@@ -109,27 +93,4 @@ fn main() {
     println!("migrate (re-run)  : {rerun}  (all deduped)");
     let verdict = if real.wall <= TARGET { "OK" } else { "SLOWER THAN TARGET (check the machine's load)" };
     println!("target            : {TARGET:>9.3?} wall -> {verdict}");
-}
-
-struct Phase {
-    wall: Duration,
-    cpu: Duration,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:>9.3?} wall, {:>9.3?} cpu (both threads)", self.wall, self.cpu)
-    }
-}
-
-/// User + system CPU time of this process so far (Linux `/proc/self/stat`, 100 Hz ticks), so
-/// the numbers mean something on a loaded machine too. Zero elsewhere.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields after the name start at `state` (field 3): utime is field 14, stime field 15.
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
 }

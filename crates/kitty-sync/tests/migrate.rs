@@ -15,37 +15,17 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 /// spec-kitty-cli 3.2.3's `OfflineQueue` schema, verbatim.
+mod support;
+use support::{copy_tree, shared_fixtures};
+
 const DDL_323: &str = include_str!("data/spec_kitty_323_queue.sql");
 
 const DIGEST_A: &str = "f7b048d5c00bc4e2";
 const DIGEST_B: &str = "3a02fa36bdf7144d";
 const DIGEST_C: &str = "adf30b8f7dd4874f";
 
-/// `shared/fixtures` beside the repository (`/work/shared` for `/work/main` and for a
-/// worktree under `/work/wt/NAME` alike): the first ancestor that has it.
-fn shared_fixtures() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|dir| dir.join("shared/fixtures"))
-        .find(|dir| dir.is_dir())
-        .unwrap_or_else(|| here.join("../../../shared/fixtures"))
-}
-
 fn fixture_dir() -> PathBuf {
     shared_fixtures().join("legacy-queues/public")
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// A temp dir holding a copy of the public fixture's `home/`.

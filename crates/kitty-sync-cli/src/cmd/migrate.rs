@@ -290,6 +290,12 @@ fn print_totals(report: &MigrationReport, printer: &Printer) {
          {} source error(s); {} body-upload row(s) counted, never imported.",
         t.sources, t.rows_read, t.imported, t.deduped, t.conflicts, t.invalid_rows, t.source_errors, t.body_upload_rows
     ));
+    if report.sources.iter().any(|s| s.kind != SourceKind::LegacyQueue) {
+        printer.line(format!(
+            "Python delivery state: {} ledger row(s) for {} target(s) {would}applied; {} event(s) held for consent.",
+            t.ledger_rows, t.targets, t.not_consented
+        ));
+    }
 }
 
 /// The contract's `migrate conflicts --json` document.

@@ -161,13 +161,25 @@ fn render_legacy(r: &StatusReport, row: &dyn Fn(&str, String)) {
         row("migration", format!("{} unresolved conflict(s): `kitty-sync migrate conflicts`", m.count));
     }
     let q = &r.legacy_queues;
-    if !q.files.is_empty() {
-        let migrated = q.files.iter().filter(|f| f.migrated).count();
+    let (queues, python): (Vec<_>, Vec<_>) = q.files.iter().partition(|f| !f.kind.is_python());
+    if !queues.is_empty() {
+        let migrated = queues.iter().filter(|f| f.migrated).count();
+        let events: u64 = queues.iter().map(|f| f.event_count).sum();
+        row("legacy queues", format!("{} file(s), {events} queued event(s), {migrated} migrated", queues.len()));
+    }
+    if !python.is_empty() {
+        let imported = python.iter().filter(|f| f.migrated).count();
+        let events: u64 = python.iter().map(|f| f.event_count).sum();
         row(
-            "legacy queues",
-            format!("{} file(s), {} queued event(s), {migrated} migrated", q.files.len(), q.event_count),
+            "python stores",
+            format!(
+                "{} spec-kitty 3.2.4+ file(s), {events} event(s), {imported} imported and unchanged since",
+                python.len()
+            ),
         );
-        if migrated < q.files.len() {
+    }
+    if !q.files.is_empty() {
+        if q.files.iter().any(|f| !f.migrated) {
             row("", "run `kitty-sync migrate` to bring them into the journal".into());
         }
         for f in q.files.iter().filter(|f| f.error.is_some()) {

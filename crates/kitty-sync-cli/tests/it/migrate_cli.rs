@@ -13,23 +13,10 @@ fn fixture_home_dir() -> PathBuf {
     crate::common::shared_fixtures().join("legacy-queues/public/home")
 }
 
-pub(crate) fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 fn fixture_home() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    copy_tree(&fixture_home_dir(), &home);
+    crate::common::copy_tree(&fixture_home_dir(), &home);
     (dir, home)
 }
 

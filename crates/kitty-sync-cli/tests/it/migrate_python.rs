@@ -23,27 +23,11 @@ fn manifest(name: &str) -> Value {
     serde_json::from_slice(&fs::read(fixture(name).join("manifest.json")).unwrap()).unwrap()
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            fs::copy(entry.path(), &target).unwrap();
-            let mut perms = fs::metadata(&target).unwrap().permissions();
-            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-            fs::set_permissions(&target, perms).unwrap();
-        }
-    }
-}
-
 /// A home holding a copy of the fixture's `home/`, logged in to the fixture's Private
 /// Teamspace as `user`, with Teamspace sync enabled.
 fn home_from(name: &str, user: &str) -> Home {
     let mut home = Home::new();
-    copy_tree(&fixture(name).join("home"), home.path());
+    crate::common::copy_tree(&fixture(name).join("home"), home.path());
     home.write_credentials(&format!(
         "[tokens]\naccess = \"tok\"\nrefresh = \"r\"\n\n[user]\nusername = \"{user}\"\nteam_slug = \"tm-alice-private\"\n"
     ));
@@ -130,13 +114,7 @@ fn expect(m: &Value, python_target: &str) -> Expect {
         })
         .map(|l| l["event_id"].as_str().unwrap().to_string())
         .collect();
-    let not_consented = m["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["epoch_state_by_source"].as_object().is_some_and(|s| !s.values().any(|v| v == "eligible")))
-        .map(|e| e["event_id"].as_str().unwrap().to_string())
-        .collect();
+    let not_consented = common::unconsented_ids(m);
     Expect {
         all: map(strings(&m["expected_import"]["unique_event_ids"])),
         not_resend: map(strings(&t["must_not_resend"])),
@@ -386,4 +364,25 @@ fn conflicts_across_python_sources_are_listed_and_resolvable() {
     home.run(&["migrate", "resolve", &id, "--keep", "incoming"]).expect(0);
     assert!(home.stored_envelope(&id).contains("\"edited\": true"));
     home.run(&["migrate"]).expect(0);
+}
+
+#[test]
+fn a_source_locked_by_a_writer_is_skipped_until_it_is_free() {
+    let home = home_from("public", "alice@example.com");
+    let journal = home.path().join("event_journal/journal-local.db");
+    // The Python CLI in the middle of a write transaction (a real lock, held by this process).
+    let writer = Connection::open(&journal).unwrap();
+    writer.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let run = home.run(&["migrate", "--json"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let doc = run.json();
+    let locked: Vec<&Value> = doc["sources"].as_array().unwrap().iter().filter(|s| !s["error"].is_null()).collect();
+    assert_eq!(locked.len(), 1, "{doc}");
+    assert!(locked[0]["path"].as_str().unwrap().ends_with("journal-local.db"));
+    assert!(locked[0]["error"].as_str().unwrap().contains("locked"), "{doc}");
+    assert_eq!(doc["totals"]["imported"], 97, "the other journal is imported");
+    writer.execute_batch("COMMIT").unwrap();
+    drop(writer);
+    let doc = home.run(&["migrate", "--json"]).expect(0).json();
+    assert_eq!(doc["totals"]["imported"], 20, "imported once free");
 }

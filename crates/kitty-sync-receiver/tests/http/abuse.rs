@@ -272,7 +272,7 @@ fn garbage_on_the_wire_never_stops_the_server() {
 #[test]
 fn a_server_full_of_working_connections_answers_503() {
     let faults = kitty_sync_receiver::Faults { delay: Duration::from_millis(1500), ..Default::default() };
-    let receiver = Receiver::start(ServerConfig { faults, ..tight_limits(2) });
+    let receiver = Receiver::start(Backend::Sqlite, ServerConfig { faults, ..tight_limits(2) });
     let url = receiver.batch_url();
     let working: Vec<_> = (0..2u32)
         .map(|n| {

@@ -427,10 +427,33 @@ struct RunFindings {
 }
 
 enum Input {
-    Open(Opened),
+    Open(Box<Opened>),
     /// A Python store unchanged since a clean import: nothing to read.
     Unchanged(Summary),
     Failed(String),
+}
+
+impl Input {
+    /// The source to read; a failed or unchanged one is reported right away instead.
+    fn into_opened(
+        self,
+        report: SourceReport,
+        reports: &mut Vec<SourceReport>,
+        findings: &mut RunFindings,
+    ) -> Option<(Opened, SourceReport)> {
+        match self {
+            Input::Open(opened) => Some((*opened, report)),
+            Input::Failed(reason) => {
+                reports.push(report.failed(reason));
+                None
+            }
+            Input::Unchanged(summary) => {
+                reports.push(report.unchanged(&summary));
+                findings.unchanged_summaries.push(summary);
+                None
+            }
+        }
+    }
 }
 
 struct Probe {
@@ -448,7 +471,7 @@ impl Probe {
         let input = match fingerprint.as_deref().and_then(|f| records.unchanged(file, f)) {
             Some(summary) => Input::Unchanged(summary.clone()),
             None => match source::open(file) {
-                Ok(opened) => Input::Open(opened),
+                Ok(opened) => Input::Open(Box::new(opened)),
                 Err(reason) => Input::Failed(reason),
             },
         };
@@ -501,19 +524,8 @@ fn run_real(
     let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { file, input, fingerprint, mut report } = probe;
-        let opened = match input {
-            Input::Open(opened) => opened,
-            Input::Failed(reason) => {
-                reports.push(report.failed(reason));
-                continue;
-            }
-            Input::Unchanged(summary) => {
-                reports.push(report.unchanged(&summary));
-                findings.unchanged_summaries.push(summary);
-                continue;
-            }
-        };
+        let Probe { file, input, fingerprint, report } = probe;
+        let Some((opened, mut report)) = input.into_opened(report, &mut reports, &mut findings) else { continue };
         report.body_upload_rows = opened.body_upload_rows();
         let Some(store) = store.as_mut() else {
             return Err(Error::internal("the store was not opened", "run the command again"));
@@ -584,19 +596,8 @@ fn run_dry(
     let mut findings = RunFindings::default();
     let mut reports = Vec::with_capacity(probes.len());
     for probe in probes {
-        let Probe { input, mut report, .. } = probe;
-        let opened = match input {
-            Input::Open(opened) => opened,
-            Input::Failed(reason) => {
-                reports.push(report.failed(reason));
-                continue;
-            }
-            Input::Unchanged(summary) => {
-                reports.push(report.unchanged(&summary));
-                findings.unchanged_summaries.push(summary);
-                continue;
-            }
-        };
+        let Probe { input, report, .. } = probe;
+        let Some((opened, mut report)) = input.into_opened(report, &mut reports, &mut findings) else { continue };
         report.body_upload_rows = opened.body_upload_rows();
         sink.begin_source();
         let mut found = SourceFindings::default();
@@ -1153,10 +1154,11 @@ impl<'t, 'c> TxSink<'t, 'c> {
     /// Counts the first terminal deliveries the ledger rows of this source recorded (the
     /// status counters and "delivered anywhere" that drains keep the same way).
     fn finish(&mut self) -> Result<()> {
-        for ((target, epoch), seqs) in std::mem::take(&mut self.delivered) {
-            crate::store::stats::note_delivered(self.tx, target, epoch, &seqs)?;
+        let delivered = std::mem::take(&mut self.delivered);
+        if delivered.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        count_imported_deliveries(self.tx, &delivered)
     }
 
     /// The journaled event a Python ledger key names: its id, or a row key recorded as alias.
@@ -1228,6 +1230,56 @@ impl<'t, 'c> TxSink<'t, 'c> {
         Ok(())
     }
 }
+
+/// Counts the first terminal deliveries a source's ledger rows recorded, for several targets at
+/// once and set-based (the drain's per-batch `note_delivered` grows with each target's ledger
+/// per call, which a 300,000-row import cannot afford): per event the number of targets that
+/// terminally received it, "delivered anywhere", and per target the events it alone received.
+fn count_imported_deliveries(tx: &Transaction<'_>, delivered: &HashMap<(i64, i64), Vec<i64>>) -> Result<()> {
+    let pairs: Vec<(i64, i64)> =
+        delivered.iter().flat_map(|((target, _), seqs)| seqs.iter().map(move |seq| (*seq, *target))).collect();
+    let list = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into());
+    tx.execute_batch(
+        "DROP TABLE IF EXISTS temp.imported_delivery; DROP TABLE IF EXISTS temp.imported_counts;
+         CREATE TEMP TABLE imported_delivery (seq INTEGER NOT NULL, target INTEGER NOT NULL,
+                                              PRIMARY KEY (seq, target)) WITHOUT ROWID;",
+    )
+    .ctx("cannot count the imported deliveries")?;
+    tx.execute(
+        "INSERT OR IGNORE INTO temp.imported_delivery (seq, target)
+         SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?1) j",
+        [&list],
+    )
+    .ctx("cannot count the imported deliveries")?;
+    tx.execute_batch(IMPORTED_COUNTS_SQL).ctx("cannot count the imported deliveries")
+}
+
+/// `before` = terminal deliveries an event had before this source, `added` = targets this
+/// source delivered it to (all first deliveries in the targets' current epochs).
+const IMPORTED_COUNTS_SQL: &str = "
+CREATE TEMP TABLE imported_counts (seq INTEGER PRIMARY KEY, added INTEGER NOT NULL, before INTEGER NOT NULL);
+INSERT INTO temp.imported_counts (seq, added, before)
+    SELECT d.seq, count(*), (SELECT e.delivered_targets FROM events e WHERE e.seq = d.seq)
+    FROM temp.imported_delivery d GROUP BY d.seq;
+CREATE INDEX temp.imported_counts_by_before ON imported_counts (before, added);
+-- Its only delivery so far: now exclusive to the one target that received it.
+UPDATE target_stats SET value = value + (
+    SELECT count(*) FROM temp.imported_counts c JOIN temp.imported_delivery d ON d.seq = c.seq
+    WHERE c.before = 0 AND c.added = 1 AND d.target = target_stats.target)
+WHERE key = 'exclusive' AND epoch = (SELECT t.epoch FROM targets t WHERE t.id = target_stats.target);
+-- Was exclusive to another target: no longer.
+UPDATE target_stats SET value = value - (
+    SELECT count(*) FROM temp.imported_counts c
+    JOIN ledger l ON l.target = target_stats.target AND l.epoch = target_stats.epoch AND l.seq = c.seq
+    WHERE c.before = 1 AND l.status IN ('success', 'duplicate')
+      AND NOT EXISTS (SELECT 1 FROM temp.imported_delivery d WHERE d.seq = c.seq AND d.target = l.target))
+WHERE key = 'exclusive' AND epoch = (SELECT t.epoch FROM targets t WHERE t.id = target_stats.target);
+UPDATE stats SET value = value + (SELECT count(*) FROM temp.imported_counts WHERE before = 0) WHERE key = 'delivered_any';
+UPDATE events SET delivered_targets = delivered_targets + (SELECT c.added FROM temp.imported_counts c WHERE c.seq = events.seq)
+WHERE seq IN (SELECT seq FROM temp.imported_counts);
+DROP TABLE temp.imported_counts;
+DROP TABLE temp.imported_delivery;
+";
 
 /// The kitty-sync target rows a Python target stands for: its own identity, and for a 3.2.4
 /// Teamspace target recorded without a user, every Teamspace target of the same server and

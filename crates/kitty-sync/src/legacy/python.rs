@@ -397,7 +397,9 @@ fn time_ms(v: Option<&str>) -> Option<i64> {
 
 fn read_journal<E>(src: &PythonSource, f: &mut impl FnMut(PyRow) -> Result<(), E>) -> Result<(), ReadStop<E>> {
     let list = src.columns.get("event_journal").cloned().unwrap_or_default();
-    let sql = format!("SELECT rowid, {list} FROM event_journal ORDER BY created_at, rowid");
+    // Insertion order is capture order (3.2.4 appends; coalescing rewrites a row in place), and
+    // walking the table in it needs no sort of every payload.
+    let sql = format!("SELECT rowid, {list} FROM event_journal ORDER BY rowid");
     let mut stmt = src.conn.prepare(&sql).map_err(source_err)?;
     let mut rows = stmt.query([]).map_err(source_err)?;
     while let Some(row) = rows.next().map_err(source_err)? {
@@ -422,18 +424,20 @@ fn read_journal<E>(src: &PythonSource, f: &mut impl FnMut(PyRow) -> Result<(), E
 
 fn read_entries<E>(src: &PythonSource, f: &mut impl FnMut(PyRow) -> Result<(), E>) -> Result<(), ReadStop<E>> {
     let list = src.columns.get("journal_entries").cloned().unwrap_or_default();
+    let have = column_names(&src.conn, "journal_entries").map_err(source_err)?;
+    let has = |c: &str| have.iter().any(|h| h == c);
     let tables = table_names(&src.conn).map_err(source_err)?;
     // Only an `eligible` epoch was ever selected by Python's `sync now`; everything else
     // (capture_only, sealed before consent, unknown) stays on this machine until released.
-    let eligible = if tables.iter().any(|t| t == "consent_epochs") {
+    let eligible = if tables.iter().any(|t| t == "consent_epochs") && has("epoch_id") {
         "EXISTS (SELECT 1 FROM consent_epochs c WHERE c.epoch_id = j.epoch_id AND c.state = 'eligible')"
     } else {
         "0"
     };
-    let sql = format!(
-        "SELECT j.rid, j.entry_id, j.payload_json, j.epoch_id, j.capture_sequence, j.created_at, {eligible}
-         FROM (SELECT rowid AS rid, {list} FROM journal_entries) AS j ORDER BY j.capture_sequence, j.rid"
-    );
+    // Capture order, along the (project_uuid, capture_sequence) index: no sort of the payloads.
+    let order =
+        if has("project_uuid") && has("capture_sequence") { "j.project_uuid, j.capture_sequence" } else { "j.rowid" };
+    let sql = format!("SELECT j.rowid, {list}, {eligible} FROM journal_entries AS j ORDER BY {order}");
     let mut stmt = src.conn.prepare(&sql).map_err(source_err)?;
     let mut rows = stmt.query([]).map_err(source_err)?;
     while let Some(row) = rows.next().map_err(source_err)? {
@@ -517,10 +521,12 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
 fn read_attempts<E>(src: &PythonSource, f: &mut impl FnMut(PyRow) -> Result<(), E>) -> Result<(), ReadStop<E>> {
     let Some(list) = src.columns.get("delivery_attempts") else { return Ok(()) };
     let tables = table_names(&src.conn).map_err(source_err)?;
-    let outcome = if tables.iter().any(|t| t == "delivery_results") {
-        "(SELECT r.outcome FROM delivery_results r WHERE r.attempt_id = a.attempt_id ORDER BY r.recorded_at DESC, r.rowid DESC LIMIT 1)"
+    // The latest result per attempt, joined (results have no index on attempt_id: a
+    // correlated lookup per attempt would scan them all each time).
+    let results = if tables.iter().any(|t| t == "delivery_results") {
+        "SELECT attempt_id, outcome, max(recorded_at) FROM delivery_results GROUP BY attempt_id"
     } else {
-        "NULL"
+        "SELECT NULL AS attempt_id, NULL AS outcome WHERE 0"
     };
     let sql = format!(
         "SELECT {ATTEMPT_TARGET_SQL},
@@ -528,8 +534,9 @@ fn read_attempts<E>(src: &PythonSource, f: &mut impl FnMut(PyRow) -> Result<(), 
                 CASE WHEN json_valid(json_extract(payload_reference, '$.payload_reference'))
                      THEN json_extract(json_extract(payload_reference, '$.payload_reference'), '$.event_id') END,
                 json_extract(payload_reference, '$.native_identity')) END,
-            state, {outcome}, created_at
-         FROM (SELECT {list} FROM delivery_attempts) AS a ORDER BY created_at, attempt_id"
+            a.state, r.outcome, a.created_at
+         FROM (SELECT {list} FROM delivery_attempts) AS a LEFT JOIN ({results}) AS r ON r.attempt_id = a.attempt_id
+         ORDER BY a.created_at, a.attempt_id"
     );
     let mut stmt = src.conn.prepare(&sql).map_err(source_err)?;
     let mut rows = stmt.query([]).map_err(source_err)?;

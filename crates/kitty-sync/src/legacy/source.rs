@@ -285,6 +285,11 @@ pub(crate) fn open_db(path: &Path) -> Result<(Connection, Option<TempCopy>), Str
         return Err("not a regular file".to_string());
     }
     check_header(path, meta.len())?;
+    if write_locked(path) {
+        return Err("locked: another process (spec-kitty?) is writing it right now; \
+                    run `kitty-sync migrate` again once it is done"
+            .to_string());
+    }
     if has_pending_sidecar(path) {
         let copy = TempCopy::of(path).map_err(|e| format!("cannot make a private copy to recover it: {e}"))?;
         let conn = open_copy(&copy.db).map_err(|e| describe(&e))?;
@@ -374,6 +379,40 @@ fn check_header(path: &Path, len: u64) -> Result<(), String> {
         return Err(format!("truncated: {len} bytes, but its header describes {expected} bytes"));
     }
     Ok(())
+}
+
+/// Whether a live process holds SQLite's write lock on the database right now (a transaction
+/// of the Python CLI in progress): its file may be half-written, so the source is skipped
+/// this time. Asked with POSIX `F_GETLK`, which takes no lock and changes nothing.
+/// Rollback-journal mode: RESERVED, PENDING and EXCLUSIVE are write locks on the lock bytes at
+/// 1 GiB of the database file; WAL mode: the writer holds the write lock on byte 120 of `-shm`.
+#[cfg(unix)]
+fn write_locked(path: &Path) -> bool {
+    const PENDING_BYTE: i64 = 0x4000_0000;
+    const WAL_WRITE_LOCK: i64 = 120;
+    lock_conflict(path, PENDING_BYTE, 512) || lock_conflict(&sidecar(path, "-shm"), WAL_WRITE_LOCK, 1)
+}
+
+#[cfg(not(unix))]
+fn write_locked(_path: &Path) -> bool {
+    false
+}
+
+/// Would a read lock on `len` bytes at `start` conflict with another process's write lock?
+#[cfg(unix)]
+fn lock_conflict(path: &Path, start: i64, len: i64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = fs::File::open(path) else { return false };
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_RDLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = start as libc::off_t;
+    lock.l_len = len as libc::off_t;
+    // SAFETY: the descriptor is open for the duration of the call and `lock` is a valid,
+    // exclusively borrowed `flock`; F_GETLK only writes into it.
+    let asked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+    asked == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
 }
 
 pub(crate) fn sidecar(path: &Path, suffix: &str) -> PathBuf {

@@ -26,15 +26,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
 
 /// A plain `std::process::Command` for the binary, host variables removed, no `--home`
 /// (spawnable and killable, unlike `assert_cmd`'s).
-/// `shared/fixtures` beside the repository (`/work/shared` for `/work/main` and for a
-/// worktree under `/work/wt/NAME` alike): the first ancestor that has it.
-pub fn shared_fixtures() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|dir| dir.join("shared/fixtures"))
-        .find(|dir| dir.is_dir())
-        .unwrap_or_else(|| here.join("../../../shared/fixtures"))
-}
+/// Fixture helpers shared with the engine's migration tests (one copy of them).
+#[path = "../../../../kitty-sync/tests/support/mod.rs"]
+mod fixtures;
+pub use fixtures::{copy_tree, shared_fixtures, unconsented_ids};
 
 pub fn bin() -> Command {
     let mut command = Command::new(BIN);
