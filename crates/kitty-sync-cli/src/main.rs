@@ -64,6 +64,8 @@ enum Command {
     Gc(cmd::retention::GcArgs),
     /// Import spec-kitty's legacy offline queues (read-only) into the journal
     Migrate(cmd::migrate::MigrateArgs),
+    /// Keep every active target delivered, in the foreground (systemd, launchd, containers)
+    Daemon(cmd::daemon::DaemonArgs),
     /// The built-in batch-protocol receiver (serve, dump)
     #[command(subcommand)]
     Receiver(receiver_cmd::ReceiverCommand),
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
         Command::Archive(args) => cmd::retention::archive(args, cli.home.as_deref(), &printer),
         Command::Gc(args) => cmd::retention::gc(args, cli.home.as_deref(), &printer),
         Command::Migrate(args) => cmd::migrate::run(args, cli.home.as_deref(), &printer),
+        Command::Daemon(args) => cmd::daemon::run(args, cli.home.as_deref(), &printer),
         Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| ExitStatus::Success),
     };
     result.unwrap_or_else(|err| printer.error(&err)).into()

@@ -1,3 +1,4 @@
+pub mod daemon;
 pub mod demo;
 pub mod emit;
 pub mod inspect;

@@ -105,6 +105,10 @@ pub struct DrainSummary {
     pub not_redeliverable: Option<i64>,
     #[serde(skip)]
     pub stop: Option<StopReason>,
+    /// The receiver's `Retry-After` when transient failures stopped the drain (the daemon's
+    /// next attempt honours it).
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
 }
 
 impl DrainSummary {
@@ -222,6 +226,7 @@ fn empty_summary(record: &TargetRecord) -> DrainSummary {
         failures: Vec::new(),
         not_redeliverable: None,
         stop: None,
+        retry_after: None,
     }
 }
 
@@ -477,6 +482,7 @@ impl Run<'_, '_> {
                     match self.backoff(attempt, retry_after) {
                         Some(delay) => std::thread::sleep(delay),
                         None => {
+                            self.summary.retry_after = retry_after;
                             let reason = StopReason::Transient { error: describe(status, &error) };
                             return Ok(Sent::Stopped(reason, status));
                         }
