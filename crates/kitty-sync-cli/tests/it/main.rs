@@ -10,6 +10,7 @@ mod snapshot;
 
 mod bounds_cli;
 mod config_cli;
+mod daemon_cli;
 mod delivery_concurrency;
 mod delivery_faults;
 mod delivery_reset;

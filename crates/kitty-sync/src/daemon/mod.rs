@@ -148,6 +148,8 @@ struct Slot {
     failures: u32,
     next_attempt: Option<Instant>,
     backlog_at: Option<Instant>,
+    /// The state after the last round; a change is written at once, not at the next beat.
+    settled: Phase,
 }
 
 impl Slot {
@@ -197,6 +199,7 @@ impl Daemon {
                 failures: 0,
                 next_attempt: None,
                 backlog_at: None,
+                settled: Phase::Idle,
             })
             .collect();
         let mut daemon = Daemon { shared, store, slots, options, wake, seen_seq: 0 };
@@ -309,6 +312,13 @@ impl Daemon {
         let max_backoff = self.options.max_backoff;
         let slot = &mut self.slots[index];
         let now = now_stamp();
+        let before = slot.settled;
+        slot.settled = match &outcome {
+            Outcome::Done(_) => Phase::Idle,
+            Outcome::Failed { blocked: true, .. } => Phase::Blocked,
+            Outcome::Failed { .. } => Phase::Backoff,
+        };
+        let phase = slot.settled;
         match outcome {
             Outcome::Done(summary) => {
                 slot.failures = 0;
@@ -333,13 +343,18 @@ impl Daemon {
                 notice(Notice::Failed { name: &slot.name, error: &error, retry_in: wait, blocked });
                 let failures = slot.failures;
                 self.shared.update_target(index, |t| {
-                    t.state = if blocked { Phase::Blocked } else { Phase::Backoff };
+                    t.state = phase;
                     t.last_failure_at = Some(now);
                     t.consecutive_failures = failures;
                     t.last_error = Some(error);
                     t.next_attempt_at = Some(stamp(now_ms() + wait.as_millis() as i64));
                 });
             }
+        }
+        if phase != before {
+            // Health changed: readers of the file (`status`) learn it now. A failed write is
+            // retried by the next heartbeat.
+            let _ = self.shared.beat();
         }
     }
 

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::backlog::backlog;
-use super::state::{self, DaemonState};
+use super::state::{self, DaemonState, Phase, TargetState};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::delivery::receiver::Receiver;
 use crate::error::Result;
@@ -28,6 +28,9 @@ pub fn attach(report: &mut StatusReport, home: &Home, active: &[&dyn Receiver], 
             let running = state.is_running(now_ms());
             if !running && state.stopped_at.is_none() {
                 problems.push(not_running(&state));
+            }
+            if running {
+                problems.extend(state.targets.iter().filter_map(failing));
             }
             report.daemon = Some(DaemonStatus { state, running });
         }
@@ -55,6 +58,30 @@ fn not_running(state: &DaemonState) -> Problem {
         ),
         hint: "start it again (`kitty-sync daemon`, or restart its service); nothing captured meanwhile is lost".into(),
     }
+}
+
+/// A target the running daemon cannot deliver to (the `/health` 503 rule): never healthy.
+fn failing(target: &TargetState) -> Option<Problem> {
+    if matches!(target.state, Phase::Idle | Phase::Delivering) {
+        return None;
+    }
+    let next = target.next_attempt_at.as_deref().map(|at| format!("; next attempt {at}")).unwrap_or_default();
+    Some(Problem {
+        message: format!(
+            "the daemon cannot deliver to {} ({}): {} failure(s) in a row, last error: {}{next}",
+            target.name,
+            target.canonical_url,
+            target.consecutive_failures,
+            target.last_error.as_deref().unwrap_or("unknown")
+        ),
+        hint: match target.state {
+            Phase::Blocked => {
+                "fix what the error names (credentials, gates, a reset target); the daemon retries by itself"
+            }
+            _ => "check that the target is reachable; the daemon keeps retrying with backoff and nothing is lost",
+        }
+        .into(),
+    })
 }
 
 /// Active targets whose oldest undelivered event was captured longer ago than `max_lag_ms`.
