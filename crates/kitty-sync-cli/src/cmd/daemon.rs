@@ -39,8 +39,11 @@ pub fn run(args: DaemonArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     let ctx = Context::load(home_flag)?;
     let mode = ctx.config.mode()?;
     ctx.check_delivery(mode)?;
-    let listener = args.health_bind.as_deref().map(bind_health).transpose()?;
+    // From here on a SIGTERM/SIGINT waits for the handler below instead of killing us mid-start.
+    let signals = Signals::new([SIGTERM, SIGINT])?;
+    // Before binding: a second daemon is "busy" (exit 5) even when it asks for the same port.
     let _instance = instance::acquire(&ctx.home)?;
+    let listener = args.health_bind.as_deref().map(bind_health).transpose()?;
     let targets = active_targets(&ctx, printer)?;
     if targets.is_empty() {
         printer.note(format!(
@@ -50,7 +53,7 @@ pub fn run(args: DaemonArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     let options = DaemonOptions { max_backoff: args.max_backoff, poll: Duration::from_millis(args.poll_ms) };
     let daemon = Daemon::start(&ctx.home, targets, options)?;
     let shared = daemon.shared();
-    handle_signals(Arc::clone(&shared))?;
+    handle_signals(signals, Arc::clone(&shared));
     if let Some(listener) = listener {
         printer.note(format!("health on http://{}/health", listener.local_addr()?));
         let shared = Arc::clone(&shared);
@@ -81,8 +84,7 @@ fn bind_health(addr: &str) -> kitty_sync::Result<TcpListener> {
 
 /// The first SIGTERM/SIGINT asks the loop to stop; if the request in flight outlasts
 /// [`ABANDON_AFTER`], the stopped state is written and the process exits anyway.
-fn handle_signals(shared: Arc<Shared>) -> Result<()> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+fn handle_signals(mut signals: Signals, shared: Arc<Shared>) {
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             shared.request_stop();
@@ -91,7 +93,6 @@ fn handle_signals(shared: Arc<Shared>) -> Result<()> {
             std::process::exit(0);
         }
     });
-    Ok(())
 }
 
 fn print_notice(notice: &Notice<'_>, printer: &Printer) {
@@ -104,5 +105,6 @@ fn print_notice(notice: &Notice<'_>, printer: &Printer) {
             printer.warn(format!("{name}: {what}: {error}; next attempt in {:.1} s", retry_in.as_secs_f64()));
         }
         Notice::WatchUnavailable { error } => printer.warn(error),
+        Notice::Trouble { error } => printer.warn(format!("{error}; trying again shortly")),
     }
 }

@@ -194,10 +194,14 @@ fn retry_after_is_honoured_beyond_the_backoff() {
 fn a_second_daemon_exits_5_naming_the_first() {
     let home = Home::new();
     home.external(&closed_endpoint());
-    let first = Daemon::start(&home, &[]);
+    let first = Daemon::start(&home, &["--health-bind", "127.0.0.1:0"]);
     let second = home.run(&["daemon"]).expect(5);
     assert!(second.stderr.contains(&format!("pid {}", first.pid())), "{}", second.stderr);
     assert!(second.stderr.contains("hint:"), "{}", second.stderr);
+    // Busy, not a port clash, when the second one asks for the same health address.
+    let again = home.run(&["daemon", "--health-bind", &first.health_url()]).expect(5);
+    assert!(again.stderr.contains(&format!("pid {}", first.pid())), "{}", again.stderr);
+    assert_eq!(get_health(&first.health_url()).1["pid"], first.pid());
 }
 
 #[test]
@@ -316,4 +320,39 @@ fn health_is_200_while_delivering_and_503_while_a_target_fails() {
     // A running daemon that cannot deliver is never reported healthy.
     let run = failing.run(&["status", "--check"]).expect(3);
     assert!(run.stdout.contains("cannot deliver to primary"), "{}", run.stdout);
+}
+
+/// CPU time (utime + stime, in clock ticks) a process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn waits_quietly_while_another_drain_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&dir.path().join("r.db"), &[]);
+    let home = Home::new();
+    home.external(&receiver.endpoint());
+    home.capture(5, "Queued");
+    // Another drain (here: this test) holds the home's drain lock.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.path().join("event-sync/drain.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let daemon = Daemon::start(&home, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(daemon.pid()) - before;
+    // Retrying the lock a few times a second costs next to nothing; spinning on it burns a core.
+    assert!(used <= 10, "{used} CPU ticks in 2 s while the lock was busy");
+    assert_eq!(delivered(&receiver), 0, "nothing is delivered while another drain holds the lock");
+    drop(lock);
+    wait_until(Duration::from_secs(5), "delivery once the lock is free", || delivered(&receiver) == 5);
 }

@@ -63,9 +63,23 @@ pub struct DaemonTarget {
 
 /// What the daemon tells its operator, one line each.
 pub enum Notice<'a> {
-    Delivered { name: &'a str, summary: &'a DrainSummary },
-    Failed { name: &'a str, error: &'a str, retry_in: Duration, blocked: bool },
-    WatchUnavailable { error: &'a str },
+    Delivered {
+        name: &'a str,
+        summary: &'a DrainSummary,
+    },
+    Failed {
+        name: &'a str,
+        error: &'a str,
+        retry_in: Duration,
+        blocked: bool,
+    },
+    WatchUnavailable {
+        error: &'a str,
+    },
+    /// The store or the lock could not be read this round; the loop goes on.
+    Trouble {
+        error: &'a str,
+    },
 }
 
 enum Wake {
@@ -227,19 +241,31 @@ impl Daemon {
         };
         while !self.shared.stopping() {
             self.shared.touch();
-            let busy = self.round(notice)?;
-            self.refresh_backlogs(false)?;
-            let wait = self.next_wait(busy);
-            match self.wake.recv_timeout(wait) {
+            // A store that is briefly unreadable (or a full disk) must not end the daemon: the
+            // next wake tries again, and the heartbeat keeps saying it is alive.
+            let pause = match self.round(notice) {
+                // Another drain holds the lock: look again soon, but do not spin on it.
+                Ok(true) => Some(BUSY_RETRY),
+                Ok(false) => None,
+                Err(e) => Some(trouble(notice, &e, self.options.poll)),
+            };
+            if let Err(e) = self.refresh_backlogs(false) {
+                trouble(notice, &e, self.options.poll);
+            }
+            let wait = pause.unwrap_or_else(|| self.next_wait());
+            let woke = match self.wake.recv_timeout(wait) {
                 Ok(Wake::StoreChanged) => {
                     std::thread::sleep(DEBOUNCE);
                     if self.wake.try_iter().any(|w| matches!(w, Wake::Stop)) {
                         break;
                     }
-                    self.note_new_captures()?;
+                    self.note_new_captures()
                 }
                 Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => self.note_new_captures()?,
+                Err(RecvTimeoutError::Timeout) => self.note_new_captures(),
+            };
+            if let Err(e) = woke {
+                trouble(notice, &e, self.options.poll);
             }
         }
         self.shared.write_stopped()
@@ -379,18 +405,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// Until the next target leaves backoff, the lock may be free again, or the fallback timer.
-    fn next_wait(&self, busy: bool) -> Duration {
+    /// Until the next target leaves backoff, or the fallback timer.
+    fn next_wait(&self) -> Duration {
         let now = Instant::now();
-        let mut wait = self.options.poll;
-        if busy {
-            wait = wait.min(BUSY_RETRY);
-        }
+        let mut wait = self.options.poll.min(BACKLOG_EVERY);
         for slot in self.slots.iter().filter(|s| s.dirty) {
             let until = slot.next_attempt.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
             wait = wait.min(until);
         }
-        wait.min(BACKLOG_EVERY)
+        wait
     }
 }
 
@@ -413,6 +436,12 @@ impl Outcome {
             },
         }
     }
+}
+
+/// Reports a round-level failure; returns how long to pause before the next round.
+fn trouble(notice: &mut dyn FnMut(Notice<'_>), error: &crate::Error, pause: Duration) -> Duration {
+    notice(Notice::Trouble { error: &format!("{error} (hint: {})", error.hint()) });
+    pause
 }
 
 fn initial_state(target: &DaemonTarget) -> TargetState {
