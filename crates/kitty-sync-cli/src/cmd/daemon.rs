@@ -60,7 +60,12 @@ pub fn run(args: DaemonArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
         std::thread::spawn(move || health::serve(listener, shared));
     }
     printer.note(format!("kitty-sync daemon running (pid {}) for {}", std::process::id(), ctx.home.root().display()));
-    daemon.run(&mut |notice| print_notice(&notice, printer))?;
+    let mut reload = || {
+        let ctx = Context::load(home_flag)?;
+        ctx.check_delivery(ctx.config.mode()?)?;
+        active_targets(&ctx, printer)
+    };
+    daemon.run(&mut |notice| print_notice(&notice, printer), &mut reload)?;
     printer.note("kitty-sync daemon stopped");
     Ok(ExitStatus::Success)
 }
@@ -105,6 +110,9 @@ fn print_notice(notice: &Notice<'_>, printer: &Printer) {
             printer.warn(format!("{name}: {what}: {error}; next attempt in {:.1} s", retry_in.as_secs_f64()));
         }
         Notice::WatchUnavailable { error } => printer.warn(error),
+        Notice::Reloaded { targets } => {
+            printer.note(format!("settings changed: now delivering to {targets} target(s)"))
+        }
         Notice::Trouble { error } => printer.warn(format!("{error}; trying again shortly")),
     }
 }

@@ -20,7 +20,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: &Home, extra: &[&str]) -> Daemon {
-        let mut args = vec!["daemon", "--poll-ms", "2000"];
+        let mut args = vec!["daemon"];
+        if !extra.contains(&"--poll-ms") {
+            args.extend(["--poll-ms", "2000"]);
+        }
         args.extend_from_slice(extra);
         let mut child = home.spawn(&args);
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -355,4 +358,24 @@ fn waits_quietly_while_another_drain_holds_the_lock() {
     assert_eq!(delivered(&receiver), 0, "nothing is delivered while another drain holds the lock");
     drop(lock);
     wait_until(Duration::from_secs(5), "delivery once the lock is free", || delivered(&receiver) == 5);
+}
+
+#[test]
+fn a_mode_switch_is_picked_up_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Receiver::start(&dir.path().join("a.db"), &[]);
+    let b = Receiver::start(&dir.path().join("b.db"), &[]);
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    let daemon = Daemon::start(&home, &["--poll-ms", "200"]);
+    assert_eq!(state(&home)["targets"], json!([]));
+    home.emit("Early", "{}");
+    home.external(&a.endpoint());
+    wait_until(Duration::from_secs(5), "delivery to A", || delivered(&a) == 1);
+    home.external(&b.endpoint());
+    home.emit("Late", "{}");
+    wait_until(Duration::from_secs(5), "every retained event at B", || delivered(&b) == 2);
+    assert_eq!(delivered(&a), 1);
+    assert!(daemon.stderr().contains("settings changed"), "{}", daemon.stderr());
+    assert_eq!(state(&home)["targets"][0]["canonical_url"], b.endpoint().trim_end_matches('/'));
 }

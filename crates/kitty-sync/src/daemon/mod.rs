@@ -76,6 +76,10 @@ pub enum Notice<'a> {
     WatchUnavailable {
         error: &'a str,
     },
+    /// `config.toml` or `credentials` changed: the targets were rebuilt.
+    Reloaded {
+        targets: usize,
+    },
     /// The store or the lock could not be read this round; the loop goes on.
     Trouble {
         error: &'a str,
@@ -167,6 +171,18 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(target: DaemonTarget) -> Slot {
+        Slot {
+            name: target.name,
+            receiver: target.receiver,
+            dirty: true,
+            failures: 0,
+            next_attempt: None,
+            backlog_at: None,
+            settled: Phase::Idle,
+        }
+    }
+
     fn ready(&self, now: Instant) -> bool {
         self.dirty && self.next_attempt.is_none_or(|at| at <= now)
     }
@@ -180,6 +196,18 @@ pub struct Daemon {
     wake: mpsc::Receiver<Wake>,
     /// The highest journal `seq` seen when a round started: anything above it is new.
     seen_seq: i64,
+    /// `config.toml` and `credentials` as they were when the targets were built.
+    settings: Fingerprint,
+}
+
+/// Rebuilds the active targets from the settings as they are now.
+pub type Reload<'a> = &'a mut dyn FnMut() -> Result<Vec<DaemonTarget>>;
+
+type Fingerprint = [Option<(std::time::SystemTime, u64)>; 2];
+
+fn settings_fingerprint(home: &Home) -> Fingerprint {
+    let of = |path: std::path::PathBuf| std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    [of(home.config_path()), of(home.credentials_path())]
 }
 
 impl Daemon {
@@ -204,19 +232,9 @@ impl Daemon {
             alive_ms: AtomicI64::new(now_ms()),
             wake: sender,
         });
-        let slots = targets
-            .into_iter()
-            .map(|t| Slot {
-                name: t.name,
-                receiver: t.receiver,
-                dirty: true,
-                failures: 0,
-                next_attempt: None,
-                backlog_at: None,
-                settled: Phase::Idle,
-            })
-            .collect();
-        let mut daemon = Daemon { shared, store, slots, options, wake, seen_seq: 0 };
+        let slots = targets.into_iter().map(Slot::new).collect();
+        let settings = settings_fingerprint(home);
+        let mut daemon = Daemon { shared, store, slots, options, wake, seen_seq: 0, settings };
         daemon.refresh_backlogs(true)?;
         daemon.shared.beat()?;
         spawn_heartbeat(Arc::clone(&daemon.shared));
@@ -227,8 +245,10 @@ impl Daemon {
         Arc::clone(&self.shared)
     }
 
-    /// Delivers until a stop is requested, then writes the stopped state.
-    pub fn run(mut self, notice: &mut dyn FnMut(Notice<'_>)) -> Result<()> {
+    /// Delivers until a stop is requested, then writes the stopped state. When `config.toml`
+    /// or `credentials` change (a mode switch, a new target, a fresh login), the targets are
+    /// rebuilt with `reload`, so a service never needs a restart for that.
+    pub fn run(mut self, notice: &mut dyn FnMut(Notice<'_>), reload: Reload<'_>) -> Result<()> {
         let sender = self.shared.wake.clone();
         let _watcher = match watch::store_changes(&self.shared.home, move || {
             let _ = sender.send(Wake::StoreChanged);
@@ -267,8 +287,50 @@ impl Daemon {
             if let Err(e) = woke {
                 trouble(notice, &e, self.options.poll);
             }
+            self.reload_if_changed(reload, notice);
         }
         self.shared.write_stopped()
+    }
+
+    fn reload_if_changed(&mut self, reload: Reload<'_>, notice: &mut dyn FnMut(Notice<'_>)) {
+        let now = settings_fingerprint(&self.shared.home);
+        if now == self.settings {
+            return;
+        }
+        self.settings = now;
+        match reload() {
+            Ok(targets) => {
+                self.replace_targets(targets);
+                notice(Notice::Reloaded { targets: self.slots.len() });
+                if let Err(e) = self.refresh_backlogs(true).and_then(|()| self.shared.beat()) {
+                    trouble(notice, &e, self.options.poll);
+                }
+            }
+            // The targets built from the last good settings keep going.
+            Err(e) => {
+                trouble(notice, &e, self.options.poll);
+            }
+        }
+    }
+
+    /// New slots (due at once, no backoff); a target that stays keeps its history in the state.
+    fn replace_targets(&mut self, targets: Vec<DaemonTarget>) {
+        let mut state = self.shared.lock_state();
+        let old = std::mem::take(&mut state.targets);
+        state.targets = targets
+            .iter()
+            .map(|t| {
+                let mut fresh = initial_state(t);
+                if let Some(was) = old.iter().find(|o| o.name == fresh.name && o.target_id == fresh.target_id) {
+                    fresh.last_success_at = was.last_success_at.clone();
+                    fresh.last_failure_at = was.last_failure_at.clone();
+                    fresh.last_error = was.last_error.clone();
+                }
+                fresh
+            })
+            .collect();
+        drop(state);
+        self.slots = targets.into_iter().map(Slot::new).collect();
     }
 
     /// Marks every target dirty when something was captured since the last round began.
