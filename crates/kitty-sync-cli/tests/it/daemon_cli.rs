@@ -96,16 +96,22 @@ fn get_health(addr: &str) -> (u16, Value) {
     (code, serde_json::from_str(body).unwrap())
 }
 
+/// A home in external-receiver mode pointed at a fresh built-in receiver (started with `extra`).
+fn home_with_receiver(extra: &[&str]) -> (tempfile::TempDir, Receiver, Home) {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&dir.path().join("r.db"), extra);
+    let home = Home::new();
+    home.external(&receiver.endpoint());
+    (dir, receiver, home)
+}
+
 fn delivered(receiver: &Receiver) -> usize {
     receiver.dump().envelopes.len()
 }
 
 #[test]
 fn captures_from_other_processes_arrive_within_a_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &[]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, receiver, home) = home_with_receiver(&[]);
     let _daemon = Daemon::start(&home, &[]);
     let mut latencies = Vec::new();
     for i in 0..7 {
@@ -209,10 +215,7 @@ fn a_second_daemon_exits_5_naming_the_first() {
 
 #[test]
 fn sigterm_stops_cleanly_and_status_says_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &[]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, _receiver, home) = home_with_receiver(&[]);
     let daemon = Daemon::start(&home, &[]);
     assert_eq!(daemon_status(&home)["running"], true);
     daemon.signal("-TERM");
@@ -227,10 +230,7 @@ fn sigterm_stops_cleanly_and_status_says_stopped() {
 
 #[test]
 fn sigint_abandons_a_hanging_request_within_10_s() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &["--delay-ms", "20000"]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, _receiver, home) = home_with_receiver(&["--delay-ms", "20000"]);
     home.emit("Slow", "{}");
     let daemon = Daemon::start(&home, &[]);
     wait_until(Duration::from_secs(5), "the daemon delivering", || state(&home)["targets"][0]["state"] == "delivering");
@@ -243,10 +243,7 @@ fn sigint_abandons_a_hanging_request_within_10_s() {
 
 #[test]
 fn kill_9_then_restart_stores_every_event_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &["--delay-ms", "30"]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, receiver, home) = home_with_receiver(&["--delay-ms", "30"]);
     let mut ids = home.capture(600, "Crash");
     let mut daemon = Daemon::start(&home, &[]);
     wait_until(Duration::from_secs(10), "the first batches", || delivered(&receiver) > 0);
@@ -268,10 +265,7 @@ fn kill_9_then_restart_stores_every_event_exactly_once() {
 
 #[test]
 fn now_wait_gets_its_turn_beside_a_running_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &["--delay-ms", "20"]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, receiver, home) = home_with_receiver(&["--delay-ms", "20"]);
     home.capture(200, "Busy");
     let _daemon = Daemon::start(&home, &[]);
     home.capture(20, "More");
@@ -298,10 +292,7 @@ fn max_lag_fails_the_check_when_the_oldest_undelivered_event_is_too_old() {
 
 #[test]
 fn health_is_200_while_delivering_and_503_while_a_target_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &[]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, receiver, home) = home_with_receiver(&[]);
     home.emit("Fine", "{}");
     let daemon = Daemon::start(&home, &["--health-bind", "127.0.0.1:0"]);
     let addr = daemon.health_url();
@@ -335,10 +326,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 #[cfg(target_os = "linux")]
 fn waits_quietly_while_another_drain_holds_the_lock() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(&dir.path().join("r.db"), &[]);
-    let home = Home::new();
-    home.external(&receiver.endpoint());
+    let (_dir, receiver, home) = home_with_receiver(&[]);
     home.capture(5, "Queued");
     // Another drain (here: this test) holds the home's drain lock.
     let lock = std::fs::OpenOptions::new()
