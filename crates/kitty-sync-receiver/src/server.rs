@@ -54,8 +54,13 @@ impl Server {
         let addr = listener.local_addr().map_err(bind_error)?;
         let reading_budget = Arc::new(body::reading_budget(config.max_body_bytes));
         let batch_slots = routes::batch_slots();
-        let state =
-            Arc::new(AppState { store: store.into(), config, batches: AtomicU64::new(0), batch_slots, reading_budget });
+        let state = Arc::new(AppState {
+            store: store.into(),
+            config,
+            batches: AtomicU64::new(0),
+            batch_slots,
+            reading_budget,
+        });
         Ok(Server { listener, addr, state })
     }
 
