@@ -75,6 +75,8 @@ enum Command {
     Completions(cmd::completions::CompletionsArgs),
     /// Print the man page (roff)
     Man,
+    /// Keep every active target delivered, in the foreground (systemd, launchd, containers)
+    Daemon(cmd::daemon::DaemonArgs),
     /// The built-in batch-protocol receiver (serve, dump)
     #[command(subcommand)]
     Receiver(receiver_cmd::ReceiverCommand),
@@ -103,6 +105,7 @@ fn main() -> ExitCode {
         Command::Doctor => cmd::doctor::run(cli.home.as_deref(), &printer),
         Command::Completions(args) => cmd::completions::completions(args, Cli::command()),
         Command::Man => cmd::completions::man(Cli::command()),
+        Command::Daemon(args) => cmd::daemon::run(args, cli.home.as_deref(), &printer),
         Command::Receiver(command) => receiver_cmd::run(command, cli.json).map(|()| ExitStatus::Success),
     };
     result.unwrap_or_else(|err| printer.error(&err)).into()

@@ -73,7 +73,10 @@ fn main() {
     let authority = TargetAuthority::resolve(&AuthorityInputs::default());
 
     let timed = |dry_run: bool| {
-        timed(|| legacy::migrate(&home, &authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {}).expect("migration runs"))
+        timed(|| {
+            legacy::migrate(&home, &authority, &MigrateOptions { dry_run, ..Default::default() }, &mut |_| {})
+                .expect("migration runs")
+        })
     };
     let (dry, dry_report) = timed(true);
     let (real, report) = timed(false);

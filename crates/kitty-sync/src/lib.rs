@@ -5,6 +5,7 @@ pub mod atomic_write;
 pub mod authority;
 mod canonical_json;
 pub mod clock;
+pub mod daemon;
 pub mod delivery;
 pub mod doctor;
 pub mod envelope;

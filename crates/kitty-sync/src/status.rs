@@ -37,6 +37,8 @@ pub struct StatusReport {
     pub terminal_failures: TerminalFailures,
     pub body_upload_compatibility: BodyUploadCompatibility,
     pub legacy_queues: LegacyQueuesReport,
+    /// The daemon's last state (contract §10); `None` when no daemon ever ran here.
+    pub daemon: Option<crate::daemon::report::DaemonStatus>,
     /// Why `ok` is false, for the human report.
     #[serde(skip)]
     pub problems: Vec<Problem>,
@@ -154,6 +156,7 @@ pub fn build(home: &Home, authority: &TargetAuthority, current: &CurrentDelivery
         terminal_failures: TerminalFailures::default(),
         body_upload_compatibility: BodyUploadCompatibility::default(),
         legacy_queues: legacy::legacy_queues_report(home, authority, store.as_ref()),
+        daemon: None,
         problems: Vec::new(),
         store_readable: true,
     };

@@ -1,4 +1,5 @@
 pub mod completions;
+pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod emit;

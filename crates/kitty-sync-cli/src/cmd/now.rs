@@ -185,7 +185,7 @@ fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<ExitStatus> {
             Err(Error::auth_refused(format!("the receiver refused our credentials ({error}); delivery stopped"), hint)
                 .into())
         }
-        Some(StopReason::Transient { error }) => {
+        Some(StopReason::Transient { error, .. }) => {
             printer.warn(format!("delivery stopped after retries: {error}"));
             printer.note("hint: nothing was lost; run `kitty-sync now` again when the receiver is reachable");
             Ok(ExitStatus::Incomplete)

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use kitty_sync::daemon::report::DaemonStatus;
+use kitty_sync::delivery::receiver::Receiver;
+use kitty_sync::delivery::retention::parse_duration_ms;
 use kitty_sync::status::{CurrentDelivery, JournalSection, StatusReport, build};
 
 use super::Context;
@@ -16,16 +19,22 @@ pub struct StatusArgs {
     /// Exit 3 when something needs attention (conflicts, unreadable store, blocked delivery)
     #[arg(long)]
     check: bool,
+    /// Also fail `ok`/`--check` when an active target's oldest undelivered event is older than this (e.g. 30s, 5m)
+    #[arg(long, value_name = "DURATION")]
+    max_lag: Option<String>,
 }
 
 pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
+    let max_lag_ms = args.max_lag.as_deref().map(parse_duration_ms).transpose()?;
     let mode = ctx.config.mode()?;
     let receiver = super::target::active_receiver(&ctx, mode, Duration::from_secs(5), printer)?;
     if receiver.is_none() {
         ctx.warn_authority(printer);
     }
-    let report = build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref() });
+    let mut report = build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref() });
+    let active: Vec<&dyn Receiver> = receiver.as_deref().into_iter().collect();
+    kitty_sync::daemon::report::attach(&mut report, &ctx.home, &active, max_lag_ms);
     if printer.json {
         printer.json_doc(&report);
     } else {
@@ -94,6 +103,7 @@ pub fn render(r: &StatusReport, ctx: &Context, printer: &Printer) {
         row("dropped", parts.join(" · "));
     }
     render_legacy(r, &row);
+    render_daemon(r.daemon.as_ref(), &row);
     match &j.gc_suggestion {
         Some(s) => row("gc", style.paint("33", &format!("suggested: {}", s.reason))),
         None => row("gc", "not needed".into()),
@@ -153,6 +163,26 @@ fn render_targets(r: &StatusReport, printer: &Printer, row: &dyn Fn(&str, String
         );
     }
     let _ = printer;
+}
+
+fn render_daemon(daemon: Option<&DaemonStatus>, row: &dyn Fn(&str, String)) {
+    let Some(d) = daemon else {
+        row("daemon", "never ran in this home (`kitty-sync daemon`)".into());
+        return;
+    };
+    let s = &d.state;
+    let line = match (&s.stopped_at, d.running) {
+        (_, true) => format!("running (pid {}), heartbeat {}", s.pid, s.heartbeat_at),
+        (Some(at), false) => format!("stopped at {at} (pid {})", s.pid),
+        (None, false) => format!("NOT RUNNING (pid {}), last heartbeat {}", s.pid, s.heartbeat_at),
+    };
+    row("daemon", line);
+    for t in &s.targets {
+        let oldest = t.oldest_undelivered_at.as_deref().map(|at| format!(", oldest {at}")).unwrap_or_default();
+        let error = t.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default();
+        let state = t.state.as_str();
+        row("", format!("{} {}: {state}, {} undelivered{oldest}{error}", t.name, t.canonical_url, t.undelivered_count));
+    }
 }
 
 fn render_legacy(r: &StatusReport, row: &dyn Fn(&str, String)) {

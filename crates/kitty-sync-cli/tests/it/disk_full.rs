@@ -13,8 +13,8 @@ use std::process::Command;
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::common::{Home, Receiver, Run, dump};
 use crate::common::copy_tree;
+use crate::common::{Home, Receiver, Run, dump};
 
 /// Free bytes left on the filesystem when the command starts: nothing, part of a page, a
 /// few pages, enough for some but not all of the work.

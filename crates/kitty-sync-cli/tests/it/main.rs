@@ -12,6 +12,7 @@ mod bounds_cli;
 mod completions_cli;
 mod config_cli;
 mod corrupt_store;
+mod daemon_cli;
 mod delivery_concurrency;
 mod delivery_faults;
 mod delivery_reset;

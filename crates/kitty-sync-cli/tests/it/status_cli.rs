@@ -7,7 +7,7 @@ use crate::status_support;
 use serde_json::{Value, json};
 use status_support::{ReceiverProcess, TestHome, envelopes, event_id, is_root, keys, sorted, tree};
 
-const TOP_KEYS: [&str; 11] = [
+const TOP_KEYS: [&str; 12] = [
     "ok",
     "exit_code",
     "mode",
@@ -19,6 +19,8 @@ const TOP_KEYS: [&str; 11] = [
     "terminal_failures",
     "body_upload_compatibility",
     "legacy_queues",
+    // §10: the daemon's last state, null when no daemon ever ran in the home.
+    "daemon",
 ];
 
 const TARGET_KEYS: [&str; 10] = [

@@ -85,8 +85,9 @@ pub struct Failure {
 /// Why a drain stopped before the selection was exhausted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
-    /// Transient failures outlasted the retries (exit 4).
-    Transient { error: String },
+    /// Transient failures outlasted the retries (exit 4). `retry_after`: how long the
+    /// receiver last asked us to wait (capped), for callers that schedule the next drain.
+    Transient { error: String, retry_after: Option<Duration> },
     /// The receiver refused our credentials (exit 3).
     Auth { error: String },
 }
@@ -397,7 +398,8 @@ impl Sender<'_> {
                     match self.backoff.delay(attempt, jitter, asked) {
                         Some(delay) => self.pacer.sleep(delay),
                         None => {
-                            let reason = StopReason::Transient { error: describe(status, &error) };
+                            let error = describe(status, &error);
+                            let reason = StopReason::Transient { error, retry_after: asked };
                             return Ok(Sent::Stopped(reason, status));
                         }
                     }
@@ -529,7 +531,7 @@ impl Run<'_, '_> {
         let (verdict, status) = match sent {
             Sent::Stopped(reason, status) => {
                 let error = match &reason {
-                    StopReason::Transient { error } | StopReason::Auth { error } => error.clone(),
+                    StopReason::Transient { error, .. } | StopReason::Auth { error } => error.clone(),
                 };
                 for event in batch {
                     self.target.count(&event.event_id, Outcome::FailedTransient, status, Some(&error));
