@@ -202,3 +202,18 @@ fn an_idle_follower_does_not_wake_itself() {
     terminate(&child);
     assert_eq!(finish(child, Duration::from_secs(5)).code, 0);
 }
+
+#[test]
+fn a_failing_stdout_is_an_error_but_a_closed_pipe_is_not() {
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    home.capture(2, "A");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let output = home.command(&["tail"]).stdout(full).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("hint:"));
+    let mut child = home.command(&["tail"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let run = finish(child, Duration::from_secs(5));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
