@@ -41,11 +41,6 @@ impl JournalTail {
         Ok(JournalTail { home: home.clone(), types, position })
     }
 
-    /// The store directory to watch for new captures.
-    pub fn watch_dir(&self) -> std::path::PathBuf {
-        self.home.sync_dir()
-    }
-
     /// Appends up to `max` next envelopes, one per line, to `out` and moves past them.
     /// Returns how many were appended (0: nothing new yet).
     pub fn next_page(&mut self, out: &mut Vec<u8>, max: usize) -> Result<usize> {

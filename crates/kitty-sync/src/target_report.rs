@@ -138,18 +138,25 @@ fn entry(store: Option<&Store>, record: Option<&TargetRecord>, c: Configured) ->
     e.parked_count = counts.terminal_failed;
     e.rejected_count = counts.rejected;
     let conn = store.conn();
+    // Drains deliver in capture order, so the latest event received is (but for a later
+    // `retry` of an older one) the latest success: a backward seek on the ledger's key instead
+    // of a max() over every delivered row (a second per target at a million events).
     e.last_success_at = conn
         .query_row(
-            "SELECT max(completed_at) FROM ledger WHERE target = ?1 AND status IN ('success', 'duplicate')",
-            [record.id],
+            "SELECT completed_at FROM ledger WHERE target = ?1 AND epoch = ?2 AND status IN ('success', 'duplicate')
+             ORDER BY seq DESC LIMIT 1",
+            [record.id, record.epoch],
             |r| r.get::<_, Option<i64>>(0),
         )
+        .optional()
         .ctx("cannot read the ledger")?
+        .flatten()
         .map(rfc3339_ms);
-    // The ledger keeps each (event, target)'s latest attempt: a failure still standing.
+    // The ledger keeps each (event, target)'s latest attempt: a failure still standing. The
+    // status index holds only those rows (the planner otherwise walks the whole ledger).
     let failure: Option<(i64, Option<String>)> = conn
         .query_row(
-            "SELECT last_attempted_at, last_error FROM ledger
+            "SELECT last_attempted_at, last_error FROM ledger INDEXED BY ledger_by_status
              WHERE target = ?1 AND epoch = ?2 AND status IN ('failed_transient', 'rejected', 'terminal_failed')
                AND last_attempted_at IS NOT NULL
              ORDER BY last_attempted_at DESC LIMIT 1",

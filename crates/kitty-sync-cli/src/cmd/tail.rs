@@ -46,7 +46,7 @@ pub fn run(args: TailArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
         match catch_up(&mut tail, &mut page, &mut remaining) {
             Ok(()) => {}
             Err(CatchUp::ReaderGone) => return Ok(ExitStatus::Success),
-            Err(CatchUp::Engine(e)) => return Err(e.into()),
+            Err(CatchUp::Failed(e)) => return Err(e.into()),
         }
         let Some(watcher) = watcher.as_mut() else { return Ok(ExitStatus::Success) };
         if remaining == 0 || watcher.wait(IDLE_LOOK) == Wake::Stop {
@@ -58,7 +58,15 @@ pub fn run(args: TailArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
 enum CatchUp {
     /// The reader went away (EPIPE): a normal end for a stream, exit 0.
     ReaderGone,
-    Engine(kitty_sync::Error),
+    Failed(kitty_sync::Error),
+}
+
+fn write_error(e: std::io::Error) -> CatchUp {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CatchUp::ReaderGone
+    } else {
+        CatchUp::Failed(kitty_sync::Error::io("cannot write to", Path::new("stdout"), e))
+    }
 }
 
 /// Prints every page there is now (up to the limit) and flushes.
@@ -67,15 +75,15 @@ fn catch_up(tail: &mut JournalTail, page: &mut Vec<u8>, remaining: &mut u64) -> 
     while *remaining > 0 {
         page.clear();
         let max = (*remaining).min(PAGE_ROWS as u64) as usize;
-        let count = tail.next_page(page, max).map_err(CatchUp::Engine)?;
+        let count = tail.next_page(page, max).map_err(CatchUp::Failed)?;
         if count == 0 {
             break;
         }
         *remaining -= count as u64;
         // The page ends with a newline, so stdout's line buffer passes it on in one write.
-        out.write_all(page).map_err(|_| CatchUp::ReaderGone)?;
+        out.write_all(page).map_err(write_error)?;
     }
-    out.flush().map_err(|_| CatchUp::ReaderGone)
+    out.flush().map_err(write_error)
 }
 
 /// The watcher a follower waits on, woken early by SIGINT/SIGTERM and by its reader leaving.

@@ -31,8 +31,19 @@ fn follow(home: &Home, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
     (child, rx)
 }
 
-fn terminate(child: &Child) {
+/// SIGTERM, then the contract's clean end: exit 0, nothing on stderr.
+fn stop_cleanly(child: Child) {
     std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let run = finish(child, Duration::from_secs(5));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.is_empty(), "{}", run.stderr);
+}
+
+/// A home whose mode delivers nowhere (captures are only journaled).
+fn local_home() -> Home {
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    home
 }
 
 #[test]
@@ -71,8 +82,7 @@ fn prints_stored_bytes_in_capture_order_skipping_purged_and_coalesced() {
 
 #[test]
 fn after_type_and_limit_page_through_the_journal() {
-    let home = Home::new();
-    home.run(&["mode", "local-retention"]).expect(0);
+    let home = local_home();
     let a = home.capture(3, "A");
     let b = home.capture(2, "B");
     let id_of = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["event_id"].to_string();
@@ -112,8 +122,7 @@ fn without_a_store_prints_nothing_and_creates_nothing() {
 
 #[test]
 fn follow_prints_new_captures_within_a_second_and_ends_cleanly_on_sigterm() {
-    let home = Home::new();
-    home.run(&["mode", "local-retention"]).expect(0);
+    let home = local_home();
     let old = home.capture(1, "Old");
     let (child, lines) = follow(&home, &["--type", "New", "--type", "Old"]);
     let first = lines.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -134,10 +143,7 @@ fn follow_prints_new_captures_within_a_second_and_ends_cleanly_on_sigterm() {
     eprintln!("tail --follow latency after emit returned: median {:?}, max {worst:?}", latencies[2]);
     assert!(worst <= Duration::from_secs(1), "{latencies:?}");
 
-    terminate(&child);
-    let run = finish(child, Duration::from_secs(5));
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.is_empty(), "{}", run.stderr);
+    stop_cleanly(child);
 }
 
 #[test]
@@ -149,14 +155,12 @@ fn follow_waits_for_a_store_that_does_not_exist_yet() {
     let id = home.emit("First", "{}");
     let line = lines.recv_timeout(Duration::from_secs(3)).expect("the first capture was printed");
     assert!(line.contains(&id));
-    terminate(&child);
-    assert_eq!(finish(child, Duration::from_secs(5)).code, 0);
+    stop_cleanly(child);
 }
 
 #[test]
 fn follow_exits_quietly_when_its_reader_goes_away() {
-    let home = Home::new();
-    home.run(&["mode", "local-retention"]).expect(0);
+    let home = local_home();
     home.capture(3, "A");
     // `tail --follow | head -1`: the reader takes one line and closes the pipe while tail
     // has nothing more to write.
@@ -181,8 +185,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn an_idle_follower_does_not_wake_itself() {
-    let home = Home::new();
-    home.run(&["mode", "local-retention"]).expect(0);
+    let home = local_home();
     home.capture(2, "A");
     home.emit("B", "{}");
     let (child, lines) = follow(&home, &[]);
@@ -199,6 +202,19 @@ fn an_idle_follower_does_not_wake_itself() {
     // Its own reads open the WAL (and, as root, SQLite chowns it): were those taken as news,
     // the follower would read in a loop and burn a core.
     assert!(used <= 5, "an idle tail --follow used {used} ticks of CPU in 2 s");
-    terminate(&child);
-    assert_eq!(finish(child, Duration::from_secs(5)).code, 0);
+    stop_cleanly(child);
+}
+
+#[test]
+fn a_failing_stdout_is_an_error_but_a_closed_pipe_is_not() {
+    let home = local_home();
+    home.capture(2, "A");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let output = home.command(&["tail"]).stdout(full).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("hint:"));
+    let mut child = home.command(&["tail"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let run = finish(child, Duration::from_secs(5));
+    assert_eq!(run.code, 0, "{}", run.stderr);
 }
