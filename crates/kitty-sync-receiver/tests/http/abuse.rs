@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -191,7 +191,10 @@ fn an_idle_keep_alive_connection_is_closed() {
     assert!(closed_within(&mut stream, Duration::from_secs(4)).is_some(), "the idle connection stayed open");
 }
 
-fn flood(addr: SocketAddr, count: usize, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
+/// Opens `count` idle connections and holds them; `opened` counts them as they connect, so a
+/// test can start its honest traffic once the flood is complete (on a loaded machine the
+/// connects take a while).
+fn flood(addr: SocketAddr, count: usize, stop: Arc<AtomicBool>, opened: Arc<AtomicUsize>) -> JoinHandle<usize> {
     std::thread::spawn(move || {
         let mut open = Vec::new();
         for _ in 0..count {
@@ -200,6 +203,7 @@ fn flood(addr: SocketAddr, count: usize, stop: Arc<AtomicBool>) -> JoinHandle<us
             }
             if let Ok(stream) = TcpStream::connect(addr) {
                 open.push(stream);
+                opened.fetch_add(1, Ordering::Relaxed);
             }
         }
         // Held until the test is done looking, bounded by 20 s.
@@ -216,8 +220,12 @@ fn three_hundred_idle_connections_do_not_stop_honest_clients() {
     for max_connections in [64, ServerConfig::default().connections.max_connections] {
         let receiver = Receiver::start(Backend::Sqlite, tight_limits(max_connections));
         let stop = Arc::new(AtomicBool::new(false));
-        let flooder = flood(receiver.addr(), 300, Arc::clone(&stop));
-        std::thread::sleep(Duration::from_millis(200));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let flooder = flood(receiver.addr(), 300, Arc::clone(&stop), Arc::clone(&opened));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while opened.load(Ordering::Relaxed) < 300 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         keep_posting(&receiver, 1, Duration::from_millis(800));
         stop.store(true, Ordering::Relaxed);
         assert_eq!(flooder.join().unwrap(), 300);
