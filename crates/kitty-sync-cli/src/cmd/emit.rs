@@ -169,6 +169,8 @@ fn validate_uuid(text: &str) -> Result<String> {
 }
 
 fn parse_payload(text: &str, what: &str) -> Result<serde_json::Value> {
+    // Before parsing: beyond the limit, serde_json's own error would only say "recursion limit".
+    kitty_sync::event_journal::check_payload_nesting(text.as_bytes(), what)?;
     serde_json::from_str(text).map_err(|e| {
         Error::usage(
             format!("{what} is not valid JSON: {e}"),

@@ -191,12 +191,24 @@ fn validate_new_event(event: &NewEvent) -> Result<()> {
             "omit --event-id to get a new ULID, or pass one like 01KVYWRGJEV7CEZW6J7GXEBN16",
         ));
     }
-    if let Some(payload) = &event.payload
-        && !payload.is_object()
-    {
-        return Err(Error::usage("the payload must be a JSON object", "pass e.g. --payload '{\"key\":\"value\"}'"));
+    if let Some(payload) = &event.payload {
+        if !payload.is_object() {
+            return Err(Error::usage("the payload must be a JSON object", "pass e.g. --payload '{\"key\":\"value\"}'"));
+        }
+        check_payload_nesting(canonical_json(payload).as_bytes(), "the payload")?;
     }
     Ok(())
+}
+
+/// A payload nests one level below the envelope, so it gets one level less than
+/// [`envelope::MAX_JSON_DEPTH`]: the same limit `emit --jsonl` applies to whole envelopes.
+pub fn check_payload_nesting(text: &[u8], what: &str) -> Result<()> {
+    envelope::check_nesting(text, envelope::MAX_JSON_DEPTH - 1).map_err(|e| {
+        Error::usage(
+            format!("{what} is {e} inside a payload"),
+            "flatten the payload (receivers refuse deeper JSON), or store the deep part as a string",
+        )
+    })
 }
 
 pub(crate) fn begin(store: &mut Store) -> Result<Transaction<'_>> {
