@@ -82,8 +82,6 @@ fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Pr
     let event = new_event(args)?;
     let mut store = Store::open(&ctx.home)?;
     let mut journal = Journal::new(&mut store, policy);
-    // `emit` is run once per event by hooks: keep its start-to-exit time to one durable commit.
-    journal.defer_checkpoint_on_close()?;
     let outcome = journal.append(event)?;
     let mut report = EmitReport::default();
     let event_id = match &outcome {

@@ -46,9 +46,14 @@ pub struct GcArgs {
 /// The store for writing; for `--dry-run`, read-only (a dry run writes nothing, not even a
 /// WAL file).
 fn open_store(home: &Home, dry_run: bool) -> Result<Store> {
-    match Store::open_read_only(home)? {
+    let existing = Store::open_read_only(home)?;
+    match existing {
         Some(store) if dry_run => Ok(store),
-        Some(_) => Ok(Store::open(home)?),
+        Some(read_only) => {
+            // Closed before the writer opens (see `Store::open_read_only`).
+            drop(read_only);
+            Ok(Store::open(home)?)
+        }
         None => Err(Error::usage(
             format!("there is no journal in {} yet", home.root().display()),
             "capture events with `kitty-sync emit` first (or pass --home)",

@@ -4,7 +4,6 @@
 mod import;
 pub mod policy;
 
-use rusqlite::config::DbConfig;
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -131,23 +130,6 @@ impl<'s> Journal<'s> {
         };
         tx.commit().ctx("cannot commit the captured event")?;
         Ok(AppendOutcome::Captured { event_id, coalesced })
-    }
-
-    /// For a process that captures one event and exits (the `emit` command): when the store
-    /// is closed, leave the committed WAL frames for the next writer's automatic checkpoint
-    /// instead of checkpointing and deleting the WAL on close.
-    ///
-    /// Why: the commit itself is already durable (`synchronous=FULL` fsyncs the WAL), but a
-    /// checkpoint-on-close costs two more fsyncs, a WAL delete, and on the next start a WAL
-    /// re-creation with its own header and directory fsyncs: about two thirds of a one-event
-    /// process's wall time. SQLite still folds the WAL into the database once it passes
-    /// `wal_autocheckpoint` pages, so the WAL stays small; readers see it as usual.
-    pub fn defer_checkpoint_on_close(&mut self) -> Result<()> {
-        self.store
-            .conn()
-            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-            .map(|_| ())
-            .ctx("cannot configure the store connection")
     }
 
     /// Imports JSON Lines; see [`ImportOptions`]. All or nothing unless `skip_invalid`.

@@ -11,6 +11,7 @@ mod uri;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::{Error, Result, StoreContext};
@@ -18,6 +19,11 @@ use crate::home::Home;
 
 /// How long a writer waits for another process's transaction before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The WAL is folded into the database and truncated when a writer closes the store and
+/// finds it larger than this (and trimmed to it when SQLite restarts it). Small enough that
+/// the next process rebuilds its index quickly, large enough that one emit in ~30 pays for it.
+pub const WAL_LIMIT_BYTES: u64 = 1 << 20;
 
 const FORMAT_KEY: &str = "store_format";
 const FORMAT_VALUE: &str = "kitty-sync/1";
@@ -36,7 +42,16 @@ pub struct Store {
     // the lock that made reading it safe is released.
     conn: Connection,
     path: PathBuf,
+    writer: bool,
     _guard: Option<read_only::FileLock>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.writer {
+            self.truncate_wal_if_large();
+        }
+    }
 }
 
 impl Store {
@@ -48,24 +63,27 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&path, e))?;
-        let mut store = Store { conn, path, _guard: None };
+        let mut store = Store { conn, path, writer: false, _guard: None };
         // Reads only: a file that is not (yet) known to be a kitty-sync store is refused
         // before anything (WAL mode, auto_vacuum, the version stamp) is written to it.
         store.identify()?;
         store.configure_writer()?;
+        store.writer = true;
         store.migrate()?;
         Ok(store)
     }
 
     /// Opens an existing store without creating or changing any file. `None` when the home
-    /// has no store yet.
+    /// has no store yet. Safe while other processes write (see `read_only`). Close it before
+    /// opening a writer in the same process: SQLite maps a file's WAL index once per process,
+    /// and this connection maps it read-only.
     pub fn open_read_only(home: &Home) -> Result<Option<Store>> {
         let path = home.store_path();
         if !path.exists() {
             return Ok(None);
         }
         let opened = read_only::open(&path)?;
-        let store = Store { conn: opened.conn, path, _guard: opened.guard };
+        let store = Store { conn: opened.conn, path, writer: false, _guard: opened.guard };
         match store.identify()? {
             Found::Empty => Ok(None),
             Found::Ours => Ok(Some(store)),
@@ -119,8 +137,35 @@ impl Store {
             });
         }
         self.conn
-            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;")
+            .execute_batch(&format!(
+                "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;
+                 PRAGMA journal_size_limit={WAL_LIMIT_BYTES};"
+            ))
+            .map_err(|e| open_error(&self.path, e))?;
+        // Closing does not checkpoint (see `Drop`): the commit is already durable, a
+        // checkpoint-and-delete at every close costs more fsyncs than the capture itself, and
+        // `-wal`/`-shm` staying in place let read-only opens read through the WAL index.
+        self.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map(|_| ())
             .map_err(|e| open_error(&self.path, e))
+    }
+
+    /// Checkpoints the WAL into the database and truncates it once it has grown past
+    /// [`WAL_LIMIT_BYTES`]. Needed because SQLite's own bounds do not work for processes that
+    /// each write a little and exit (`emit`): the first connection of every process rebuilds
+    /// the WAL index from the WAL and forgets what earlier processes checkpointed, so the WAL
+    /// never restarts from its beginning (where `journal_size_limit` would trim it), every
+    /// commit appends (1,000 emits: a 31.7 MB WAL), and each automatic checkpoint copies all
+    /// of it again. Best effort and never waits: when a reader or writer is using the WAL the
+    /// checkpoint stops short, and the next writer to close tries again.
+    fn truncate_wal_if_large(&self) {
+        let wal = std::fs::metadata(sidecar(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0);
+        if wal <= WAL_LIMIT_BYTES {
+            return;
+        }
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
     fn user_version(&self) -> Result<i64> {
