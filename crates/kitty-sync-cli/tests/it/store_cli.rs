@@ -133,6 +133,9 @@ fn checkpointing_writer(home: &Path, stop: &std::sync::atomic::AtomicBool) -> u6
             checkpointer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
             rounds += 1;
         }
+        // The plain connection closes last: it checkpoints and deletes -wal and -shm.
+        drop(store);
+        drop(checkpointer);
     }
     rounds
 }
