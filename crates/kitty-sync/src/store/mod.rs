@@ -6,7 +6,7 @@ mod read_only;
 pub mod schema;
 pub mod selection;
 pub mod stats;
-mod uri;
+pub(crate) mod uri;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -327,14 +327,20 @@ mod tests {
         assert!(!dir.path().join("nope").exists());
     }
 
-    #[test]
-    fn newer_schema_is_refused() {
+    /// A store whose `user_version` was then set to `version` from outside.
+    fn store_stamped(version: i64) -> (tempfile::TempDir, Home) {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::at(dir.path());
         drop(Store::open(&home).unwrap());
         let conn = Connection::open(home.store_path()).unwrap();
-        conn.pragma_update(None, "user_version", 99).unwrap();
+        conn.pragma_update(None, "user_version", version).unwrap();
         drop(conn);
+        (dir, home)
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let (_dir, home) = store_stamped(99);
         let err = Store::open(&home).err().unwrap();
         assert!(err.to_string().contains("newer kitty-sync"), "{err}");
         assert!(Store::open_read_only(&home).err().unwrap().to_string().contains("newer"));
@@ -376,12 +382,7 @@ mod tests {
 
     #[test]
     fn negative_user_version_is_not_a_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let home = Home::at(dir.path());
-        drop(Store::open(&home).unwrap());
-        let conn = Connection::open(home.store_path()).unwrap();
-        conn.pragma_update(None, "user_version", -1).unwrap();
-        drop(conn);
+        let (_dir, home) = store_stamped(-1);
         let before = snapshot(&home);
         for err in [Store::open(&home).err().unwrap(), Store::open_read_only(&home).err().unwrap()] {
             assert!(err.to_string().contains("not a kitty-sync store"), "{err}");
