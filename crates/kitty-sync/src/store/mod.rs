@@ -75,8 +75,9 @@ impl Store {
 
     /// Opens an existing store without creating or changing any file. `None` when the home
     /// has no store yet. Safe while other processes write (see `read_only`). Close it before
-    /// opening a writer in the same process: SQLite maps a file's WAL index once per process,
-    /// and this connection maps it read-only.
+    /// opening another connection to the store in the same process: it may hold the file
+    /// locked against every other connection (this process's too), and SQLite maps a file's
+    /// WAL index once per process, read-only here.
     pub fn open_read_only(home: &Home) -> Result<Option<Store>> {
         let path = home.store_path();
         if !path.exists() {
