@@ -21,9 +21,16 @@ use crate::home::Home;
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The WAL is folded into the database and truncated when a writer closes the store and
-/// finds it larger than this (and trimmed to it when SQLite restarts it). Small enough that
-/// the next process rebuilds its index quickly, large enough that one emit in ~30 pays for it.
+/// finds it larger than this. Small enough that the next process rebuilds its index quickly,
+/// large enough that one emit in ~30 pays for the checkpoint.
 pub const WAL_LIMIT_BYTES: u64 = 1 << 20;
+
+/// `journal_size_limit`: what a WAL that SQLite restarts (in a long-lived writer) is trimmed
+/// to. Above the ~4.1 MB at which the automatic checkpoint (1,000 pages) runs, so a writer
+/// that keeps committing reuses its WAL instead of growing the file again after every
+/// restart (appending costs more per durable commit than overwriting); after a transaction
+/// larger than this (a big import, gc), the file shrinks back.
+const WAL_KEEP_BYTES: u64 = 6 << 20;
 
 const FORMAT_KEY: &str = "store_format";
 const FORMAT_VALUE: &str = "kitty-sync/1";
@@ -140,7 +147,7 @@ impl Store {
         self.conn
             .execute_batch(&format!(
                 "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;
-                 PRAGMA journal_size_limit={WAL_LIMIT_BYTES};"
+                 PRAGMA journal_size_limit={WAL_KEEP_BYTES};"
             ))
             .map_err(|e| open_error(&self.path, e))?;
         // Closing does not checkpoint (see `Drop`): the commit is already durable, a
