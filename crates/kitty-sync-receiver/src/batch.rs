@@ -207,7 +207,9 @@ fn judge<'a>(events: &[&'a RawValue], rules: &Rules<'_>) -> Result<Vec<Verdict<'
 }
 
 fn judge_one<'a>(raw: &'a str, rules: &Rules<'_>, alone: bool) -> Result<Verdict<'a>, Failure> {
-    if nested_deeper_than(raw, envelope::MAX_JSON_DEPTH) {
+    // The same limit as capture (counted without recursion), so what one side accepts the other
+    // can read back.
+    if envelope::check_nesting(raw.as_bytes(), envelope::MAX_JSON_DEPTH).is_err() {
         let error = format!(
             "envelope nested deeper than {} levels of arrays and objects (kitty-sync emit refuses it too)",
             envelope::MAX_JSON_DEPTH
@@ -267,35 +269,6 @@ fn identity_fields(raw: &str) -> Result<Value, serde_json::Error> {
         return Ok(Value::Object(fields));
     }
     serde_json::from_str(raw)
-}
-
-/// Whether `raw` (valid JSON) nests arrays and objects more than `max` levels, counted
-/// without recursion so that no depth can exhaust the stack.
-fn nested_deeper_than(raw: &str, max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for byte in raw.bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
 }
 
 /// The `event_id` of a too-deep envelope, for its `rejected` result, when it is a string
@@ -399,16 +372,18 @@ mod tests {
         }
         let deep = format!(
             r#"{{"event_id":"01KVYWRGJEV7CEZW6J7GXEBN16","event_type":"A","p":{}{}}}"#,
-            "[".repeat(127),
-            "]".repeat(127)
+            "[".repeat(envelope::MAX_JSON_DEPTH - 1),
+            "]".repeat(envelope::MAX_JSON_DEPTH - 1)
         );
         let rules_wide = Rules { max_event_bytes: 1 << 20, reject_types: &types };
-        assert!(matches!(judge_one(&deep, &rules_wide, false), Ok(Verdict::Accept { .. })), "128 levels pass");
+        let accepted = judge_one(&deep, &rules_wide, false);
+        assert!(matches!(accepted, Ok(Verdict::Accept { .. })), "MAX_JSON_DEPTH levels pass");
         let deeper = deep.replacen('[', "[[", 1).replacen(']', "]]", 1);
         match judge_one(&deeper, &rules_wide, false) {
             Ok(Verdict::Reject { event_id, error }) => {
                 assert_eq!(event_id, "01KVYWRGJEV7CEZW6J7GXEBN16");
-                assert!(error.contains("nested deeper than 128"), "{error}");
+                let expected = format!("nested deeper than {}", envelope::MAX_JSON_DEPTH);
+                assert!(error.contains(&expected), "{error}");
             }
             _ => panic!("not rejected"),
         }

@@ -5,9 +5,14 @@
 //! (a) single-event `Journal::append`, each call one durable commit (`synchronous=FULL`);
 //! (b) `Journal::import` of 100,000 generated small events and of 25,000 real-looking events
 //!     (the real fixture lines cycled with fresh ULIDs);
-//! (c) `Journal::import` of the 953 real events.
+//! (c) `Journal::import` of the 953 real events;
+//! (d) `emits`: the engine-level equivalent of that many `kitty-sync emit` processes: each
+//!     iteration opens the store, appends one event and closes it, so (as with a new
+//!     process) no connection survives from one event to the next; prints events/s and the
+//!     WAL size at the end, which must stay bounded (≤ 8 MB for 10,000 emits).
 //!
 //! Environment: `CAPTURE_BENCH_APPENDS` (default 500) sets how many single appends to time;
+//! `CAPTURE_BENCH_EMITS` (default 10,000) how many open-append-close rounds;
 //! `KITTY_SYNC_REAL_EVENTS` points at another directory of `*.jsonl` files.
 
 use std::io::BufReader;
@@ -29,6 +34,10 @@ fn main() {
     print_io_pressure("before");
     if wanted("append") {
         bench_append(appends);
+    }
+    if wanted("emits") {
+        let emits = std::env::var("CAPTURE_BENCH_EMITS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+        bench_emits(emits);
     }
     if wanted("small") {
         bench_import("generated small events", &small_events(100_000), None);
@@ -69,13 +78,7 @@ fn bench_append(n: usize) {
     let mut latencies = Vec::with_capacity(n);
     let start = Instant::now();
     for i in 0..n {
-        let event = NewEvent {
-            event_type: "WPStatusChanged".into(),
-            aggregate_id: Some(format!("WP{:02}", i % 40)),
-            aggregate_type: Some("WorkPackage".into()),
-            payload: Some(serde_json::json!({"from_lane": "doing", "to_lane": "for_review", "n": i})),
-            ..Default::default()
-        };
+        let event = sample_event(i);
         let t = Instant::now();
         journal.append(event).expect("append");
         latencies.push(t.elapsed());
@@ -91,6 +94,41 @@ fn bench_append(n: usize) {
         ms(pct(0.9)),
         ms(pct(0.99)),
         ms(pct(1.0)),
+    );
+}
+
+fn sample_event(i: usize) -> NewEvent {
+    NewEvent {
+        event_type: "WPStatusChanged".into(),
+        aggregate_id: Some(format!("WP{:02}", i % 40)),
+        aggregate_type: Some("WorkPackage".into()),
+        payload: Some(serde_json::json!({"from_lane": "doing", "to_lane": "for_review", "n": i})),
+        ..Default::default()
+    }
+}
+
+/// What `emit` does per process, `n` times: open, append one event durably, close.
+fn bench_emits(n: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = Home::at(dir.path());
+    drop(Store::open(&home).expect("open store"));
+    let wal = PathBuf::from(format!("{}-wal", home.store_path().display()));
+    let (mut max_wal, start) = (0, Instant::now());
+    for i in 0..n {
+        let mut store = Store::open(&home).expect("open store");
+        Journal::new(&mut store, CapturePolicy::default()).append(sample_event(i)).expect("append");
+        drop(store);
+        max_wal = max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    let total = start.elapsed();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+    println!(
+        "emits (open, append, close): {n} in {} → {:.0} emits/s; WAL at the end {:.2} MB (largest {:.2} MB), database {:.2} MB",
+        ms(total),
+        n as f64 / total.as_secs_f64(),
+        size(&wal),
+        max_wal as f64 / 1e6,
+        size(&home.store_path()),
     );
 }
 

@@ -20,13 +20,65 @@ pub enum EnvelopeError {
     MissingEventType,
     #[error("invalid event_type: expected a non-empty string")]
     InvalidEventType,
+    #[error("invalid UTF-8 at byte {offset} (JSON text must be UTF-8; receivers refuse anything else)")]
+    InvalidUtf8 { offset: usize },
+    #[error("nested {depth} levels deep: at most {max} levels of arrays and objects are accepted")]
+    TooDeep { depth: usize, max: usize },
 }
 
-/// The deepest nesting of arrays and objects an envelope may have, the envelope object itself
-/// counting as one level. Capture and the built-in receiver apply the same number, which is
-/// also serde_json's recursion limit: what one side accepts the other (and common JSON
-/// parsers reading the receiver's listing) can read back.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// The deepest nesting of arrays and objects an envelope may have; the envelope object
+/// itself is level 1. It is the deepest serde_json's parser accepts by default (its
+/// recursion limit of 128 refuses the 128th level), so every envelope the journal accepts can
+/// be parsed by every reader on its way: canonical comparison, the dispatcher, the built-in
+/// receiver. A payload given to `emit` may therefore nest one level less.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Checks what a JSON parser that skips unread fields does not: the text is UTF-8 (a skipped
+/// string is never decoded) and nests at most [`MAX_JSON_DEPTH`] levels.
+pub fn check_text(bytes: &[u8]) -> Result<(), EnvelopeError> {
+    std::str::from_utf8(bytes).map_err(|e| EnvelopeError::InvalidUtf8 { offset: e.valid_up_to() })?;
+    check_nesting(bytes, MAX_JSON_DEPTH)
+}
+
+/// Refuses JSON text whose arrays and objects nest deeper than `max` levels.
+pub fn check_nesting(bytes: &[u8], max: usize) -> Result<(), EnvelopeError> {
+    // Each level needs at least one byte: short texts cannot be too deep.
+    if bytes.len() <= max {
+        return Ok(());
+    }
+    match nesting_depth(bytes) {
+        depth if depth > max => Err(EnvelopeError::TooDeep { depth, max }),
+        _ => Ok(()),
+    }
+}
+
+/// How deeply arrays and objects nest in JSON text (0 for a scalar). Brackets inside strings
+/// do not count. For text that is not JSON the answer is only an estimate.
+pub fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
 
 /// The two fields kitty-sync itself relies on; everything else is carried opaquely.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +246,24 @@ mod tests {
             serde_json::to_string(&value).unwrap(),
             "same as serde's sorted compact form"
         );
+    }
+
+    #[test]
+    fn nesting_depth_ignores_strings_and_matches_serde_json() {
+        assert_eq!(nesting_depth(b"1"), 0);
+        assert_eq!(nesting_depth(br#"{"a":[1,{"b":"[[[{{{\"]]"}],"c":{}}"#), 3);
+        let deepest = format!("{}{}", "[".repeat(MAX_JSON_DEPTH), "]".repeat(MAX_JSON_DEPTH));
+        let deeper = format!("[{deepest}]");
+        assert_eq!(check_text(deepest.as_bytes()), Ok(()));
+        assert!(serde_json::from_str::<Value>(&deepest).is_ok(), "serde_json accepts the deepest we accept");
+        assert_eq!(check_text(deeper.as_bytes()), Err(EnvelopeError::TooDeep { depth: 128, max: MAX_JSON_DEPTH }));
+        assert!(serde_json::from_str::<Value>(&deeper).is_err(), "and refuses one level more");
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_with_its_offset() {
+        assert_eq!(check_text(b"{\"a\":\"caf\xe9\"}"), Err(EnvelopeError::InvalidUtf8 { offset: 9 }));
+        assert_eq!(check_text("{\"a\":\"café\"}".as_bytes()), Ok(()));
     }
 
     #[test]

@@ -535,6 +535,11 @@ fn different_content_is_a_conflict_and_the_first_bytes_stay() {
     assert_eq!(source(&report, "queue-02.db").conflicts, 1);
     assert!(report.cleanup_blocked);
     assert_eq!(stored_envelope(&home, ID1), v1.as_bytes());
+    // Read before the read-only store opens: while it is open, it may hold the file locked
+    // against every other connection, this process's included.
+    let incoming: Vec<u8> =
+        store_conn(&home).query_row("SELECT incoming_envelope FROM migration_conflicts", [], |r| r.get(0)).unwrap();
+    assert_eq!(incoming, v2.as_bytes(), "the incoming raw bytes are kept");
     let store = Store::open_read_only(&home).unwrap().unwrap();
     let summary = legacy::conflict_summary(&store).unwrap();
     assert_eq!(summary.count, 1);
@@ -544,11 +549,7 @@ fn different_content_is_a_conflict_and_the_first_bytes_stay() {
     let canon = |s: &str| kitty_sync::envelope::sha256_hex(&kitty_sync::envelope::canonical_bytes(s.as_bytes()));
     assert_eq!(c.existing_sha256, canon(&v1));
     assert_eq!(c.incoming_sha256, canon(&v2));
-    // A read-only open of a quiescent store excludes writers until it closes.
     drop(store);
-    let incoming: Vec<u8> =
-        store_conn(&home).query_row("SELECT incoming_envelope FROM migration_conflicts", [], |r| r.get(0)).unwrap();
-    assert_eq!(incoming, v2.as_bytes(), "the incoming raw bytes are kept");
     run(&home, &authority(None, None), false);
     assert_eq!(count(&home, "SELECT count(*) FROM migration_conflicts"), 1);
 }

@@ -83,8 +83,6 @@ fn run_single(args: EmitArgs, ctx: &Context, policy: CapturePolicy, printer: &Pr
     let event = new_event(args)?;
     let mut store = Store::open(&ctx.home)?;
     let mut journal = Journal::new(&mut store, policy);
-    // `emit` is run once per event by hooks: keep its start-to-exit time to one durable commit.
-    journal.defer_checkpoint_on_close()?;
     let outcome = journal.append(event)?;
     let mut report = EmitReport::default();
     let event_id = match &outcome {
@@ -170,6 +168,8 @@ fn validate_uuid(text: &str) -> Result<String> {
 }
 
 fn parse_payload(text: &str, what: &str) -> Result<serde_json::Value> {
+    // Before parsing: beyond the limit, serde_json's own error would only say "recursion limit".
+    kitty_sync::event_journal::check_payload_nesting(text.as_bytes(), what)?;
     serde_json::from_str(text).map_err(|e| {
         Error::usage(
             format!("{what} is not valid JSON: {e}"),

@@ -47,12 +47,11 @@ pub struct GcArgs {
 /// The store for writing; for `--dry-run`, read-only (a dry run writes nothing, not even a
 /// WAL file).
 fn open_store(home: &Home, dry_run: bool) -> Result<Store> {
-    // The read-only handle is closed before a writer opens: on a quiescent store it excludes
-    // writers while it is open.
     let existing = Store::open_read_only(home)?;
     match existing {
         Some(store) if dry_run => Ok(store),
         Some(read_only) => {
+            // Closed before the writer opens (see `Store::open_read_only`).
             drop(read_only);
             Ok(Store::open(home)?)
         }

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::{CapturePolicy, Inserted, Row, count_dropped, insert_row, tick_lamport};
-use crate::envelope::{EnvelopeError, canonical_bytes, canonical_json, is_valid_ulid};
+use crate::envelope::{EnvelopeError, canonical_bytes, canonical_json, check_text, is_valid_ulid};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default)]
@@ -234,6 +234,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option
 }
 
 fn parse_line(line: &[u8], options: &ImportOptions) -> std::result::Result<ParsedLine, String> {
+    // The fast path below skips the fields it does not read without decoding them, so it
+    // would accept invalid UTF-8 and any depth there; receivers refuse both, forever.
+    check_text(line).map_err(|e| e.to_string())?;
     // Fast path for the common shape: an object whose `event_id` and `event_type` are plain
     // strings. Anything else (not an object, duplicate keys, a null or missing type, …) takes
     // the general path below, which decides exactly as before.

@@ -4,7 +4,6 @@
 mod import;
 pub mod policy;
 
-use rusqlite::config::DbConfig;
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -133,23 +132,6 @@ impl<'s> Journal<'s> {
         Ok(AppendOutcome::Captured { event_id, coalesced })
     }
 
-    /// For a process that captures one event and exits (the `emit` command): when the store
-    /// is closed, leave the committed WAL frames for the next writer's automatic checkpoint
-    /// instead of checkpointing and deleting the WAL on close.
-    ///
-    /// Why: the commit itself is already durable (`synchronous=FULL` fsyncs the WAL), but a
-    /// checkpoint-on-close costs two more fsyncs, a WAL delete, and on the next start a WAL
-    /// re-creation with its own header and directory fsyncs: about two thirds of a one-event
-    /// process's wall time. SQLite still folds the WAL into the database once it passes
-    /// `wal_autocheckpoint` pages, so the WAL stays small; readers see it as usual.
-    pub fn defer_checkpoint_on_close(&mut self) -> Result<()> {
-        self.store
-            .conn()
-            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-            .map(|_| ())
-            .ctx("cannot configure the store connection")
-    }
-
     /// Imports JSON Lines; see [`ImportOptions`]. All or nothing unless `skip_invalid`.
     pub fn import(
         &mut self,
@@ -191,12 +173,24 @@ fn validate_new_event(event: &NewEvent) -> Result<()> {
             "omit --event-id to get a new ULID, or pass one like 01KVYWRGJEV7CEZW6J7GXEBN16",
         ));
     }
-    if let Some(payload) = &event.payload
-        && !payload.is_object()
-    {
-        return Err(Error::usage("the payload must be a JSON object", "pass e.g. --payload '{\"key\":\"value\"}'"));
+    if let Some(payload) = &event.payload {
+        if !payload.is_object() {
+            return Err(Error::usage("the payload must be a JSON object", "pass e.g. --payload '{\"key\":\"value\"}'"));
+        }
+        check_payload_nesting(canonical_json(payload).as_bytes(), "the payload")?;
     }
     Ok(())
+}
+
+/// A payload nests one level below the envelope, so it gets one level less than
+/// [`envelope::MAX_JSON_DEPTH`]: the same limit `emit --jsonl` applies to whole envelopes.
+pub fn check_payload_nesting(text: &[u8], what: &str) -> Result<()> {
+    envelope::check_nesting(text, envelope::MAX_JSON_DEPTH - 1).map_err(|e| {
+        Error::usage(
+            format!("{what} is {e} inside a payload"),
+            "flatten the payload (receivers refuse deeper JSON), or store the deep part as a string",
+        )
+    })
 }
 
 pub(crate) fn begin(store: &mut Store) -> Result<Transaction<'_>> {

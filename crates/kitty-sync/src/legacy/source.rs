@@ -426,7 +426,7 @@ fn has_pending_sidecar(path: &Path) -> bool {
 }
 
 fn open_immutable(path: &Path) -> rusqlite::Result<Connection> {
-    let uri = format!("file://{}?mode=ro&immutable=1", uri_path(path));
+    let uri = crate::store::uri::file_uri(path, "mode=ro&immutable=1");
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     Connection::open_with_flags(uri, flags)
 }
@@ -437,33 +437,6 @@ fn open_copy(path: &Path) -> rusqlite::Result<Connection> {
     // The first read rolls back a hot journal (or replays a WAL) in the copy.
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
     Ok(conn)
-}
-
-/// Percent-encodes every byte outside a safe set, so any path (spaces, `?`, `#`, `%`,
-/// non-UTF-8) survives SQLite's URI parsing. The path is absolute, so `file://` + path gives
-/// an empty authority.
-fn uri_path(path: &Path) -> String {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let bytes = path_bytes(&absolute);
-    let mut out = String::with_capacity(bytes.len() + 8);
-    for b in bytes {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' | b'~' => out.push(char::from(b)),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-#[cfg(unix)]
-fn path_bytes(path: &Path) -> Vec<u8> {
-    use std::os::unix::ffi::OsStrExt;
-    path.as_os_str().as_bytes().to_vec()
-}
-
-#[cfg(not(unix))]
-fn path_bytes(path: &Path) -> Vec<u8> {
-    path.to_string_lossy().replace('\\', "/").into_bytes()
 }
 
 /// A private copy of a source and its sidecars, removed on drop.
@@ -602,11 +575,5 @@ mod tests {
         assert_eq!(queue_digest("queue-xyz.db"), None);
         assert_eq!(queue_digest("queue-abc.db-journal"), None);
         assert_eq!(queue_digest("notes.txt"), None);
-    }
-
-    #[test]
-    fn uri_escapes_everything_unsafe() {
-        let p = Path::new("/tmp/a b/q?x#y%z/é.db");
-        assert_eq!(uri_path(p), "/tmp/a%20b/q%3Fx%23y%25z/%C3%A9.db");
     }
 }

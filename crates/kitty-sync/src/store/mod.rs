@@ -6,11 +6,12 @@ mod read_only;
 pub mod schema;
 pub mod selection;
 pub mod stats;
-mod uri;
+pub(crate) mod uri;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::{Error, Result, StoreContext};
@@ -18,6 +19,18 @@ use crate::home::Home;
 
 /// How long a writer waits for another process's transaction before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The WAL is folded into the database and truncated when a writer closes the store and
+/// finds it larger than this. Small enough that the next process rebuilds its index quickly,
+/// large enough that one emit in ~30 pays for the checkpoint.
+pub const WAL_LIMIT_BYTES: u64 = 1 << 20;
+
+/// `journal_size_limit`: what a WAL that SQLite restarts (in a long-lived writer) is trimmed
+/// to. Above the ~4.1 MB at which the automatic checkpoint (1,000 pages) runs, so a writer
+/// that keeps committing reuses its WAL instead of growing the file again after every
+/// restart (appending costs more per durable commit than overwriting); after a transaction
+/// larger than this (a big import, gc), the file shrinks back.
+const WAL_KEEP_BYTES: u64 = 6 << 20;
 
 const FORMAT_KEY: &str = "store_format";
 const FORMAT_VALUE: &str = "kitty-sync/1";
@@ -36,7 +49,16 @@ pub struct Store {
     // the lock that made reading it safe is released.
     conn: Connection,
     path: PathBuf,
+    writer: bool,
     _guard: Option<read_only::FileLock>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.writer {
+            self.truncate_wal_if_large();
+        }
+    }
 }
 
 impl Store {
@@ -49,17 +71,21 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| open_error(&path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_error(&path, e))?;
-        let mut store = Store { conn, path, _guard: None };
+        let mut store = Store { conn, path, writer: false, _guard: None };
         // Reads only: a file that is not (yet) known to be a kitty-sync store is refused
         // before anything (WAL mode, auto_vacuum, the version stamp) is written to it.
         store.identify()?;
         store.configure_writer()?;
+        store.writer = true;
         store.migrate()?;
         Ok(store)
     }
 
     /// Opens an existing store without creating or changing any file. `None` when the home
-    /// has no store yet.
+    /// has no store yet. Safe while other processes write (see `read_only`). Close it before
+    /// opening another connection to the store in the same process: it may hold the file
+    /// locked against every other connection (this process's too), and SQLite maps a file's
+    /// WAL index once per process, read-only here.
     pub fn open_read_only(home: &Home) -> Result<Option<Store>> {
         let path = home.store_path();
         if !path.exists() {
@@ -67,7 +93,7 @@ impl Store {
         }
         crate::error::disk::remember_store_dir(home.sync_dir().as_path());
         let opened = read_only::open(&path)?;
-        let store = Store { conn: opened.conn, path, _guard: opened.guard };
+        let store = Store { conn: opened.conn, path, writer: false, _guard: opened.guard };
         match store.identify()? {
             Found::Empty => Ok(None),
             Found::Ours => Ok(Some(store)),
@@ -121,8 +147,35 @@ impl Store {
             });
         }
         self.conn
-            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;")
+            .execute_batch(&format!(
+                "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA temp_store=MEMORY;
+                 PRAGMA journal_size_limit={WAL_KEEP_BYTES};"
+            ))
+            .map_err(|e| open_error(&self.path, e))?;
+        // Closing does not checkpoint (see `Drop`): the commit is already durable, a
+        // checkpoint-and-delete at every close costs more fsyncs than the capture itself, and
+        // `-wal`/`-shm` staying in place let read-only opens read through the WAL index.
+        self.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map(|_| ())
             .map_err(|e| open_error(&self.path, e))
+    }
+
+    /// Checkpoints the WAL into the database and truncates it once it has grown past
+    /// [`WAL_LIMIT_BYTES`]. Needed because SQLite's own bounds do not work for processes that
+    /// each write a little and exit (`emit`): the first connection of every process rebuilds
+    /// the WAL index from the WAL and forgets what earlier processes checkpointed, so the WAL
+    /// never restarts from its beginning (where `journal_size_limit` would trim it), every
+    /// commit appends (1,000 emits: a 31.7 MB WAL), and each automatic checkpoint copies all
+    /// of it again. Best effort and never waits: when a reader or writer is using the WAL the
+    /// checkpoint stops short, and the next writer to close tries again.
+    fn truncate_wal_if_large(&self) {
+        let wal = std::fs::metadata(sidecar(&self.path, "-wal")).map(|m| m.len()).unwrap_or(0);
+        if wal <= WAL_LIMIT_BYTES {
+            return;
+        }
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
     fn user_version(&self) -> Result<i64> {
@@ -288,14 +341,20 @@ mod tests {
         assert!(!dir.path().join("nope").exists());
     }
 
-    #[test]
-    fn newer_schema_is_refused() {
+    /// A store whose `user_version` was then set to `version` from outside.
+    fn store_stamped(version: i64) -> (tempfile::TempDir, Home) {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::at(dir.path());
         drop(Store::open(&home).unwrap());
         let conn = Connection::open(home.store_path()).unwrap();
-        conn.pragma_update(None, "user_version", 99).unwrap();
+        conn.pragma_update(None, "user_version", version).unwrap();
         drop(conn);
+        (dir, home)
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let (_dir, home) = store_stamped(99);
         let err = Store::open(&home).err().unwrap();
         assert!(err.to_string().contains("newer kitty-sync"), "{err}");
         assert!(Store::open_read_only(&home).err().unwrap().to_string().contains("newer"));
@@ -337,12 +396,7 @@ mod tests {
 
     #[test]
     fn negative_user_version_is_not_a_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let home = Home::at(dir.path());
-        drop(Store::open(&home).unwrap());
-        let conn = Connection::open(home.store_path()).unwrap();
-        conn.pragma_update(None, "user_version", -1).unwrap();
-        drop(conn);
+        let (_dir, home) = store_stamped(-1);
         let before = snapshot(&home);
         for err in [Store::open(&home).err().unwrap(), Store::open_read_only(&home).err().unwrap()] {
             assert!(err.to_string().contains("not a kitty-sync store"), "{err}");

@@ -95,8 +95,11 @@ impl TestHome {
         self.home.join("event-sync").join("kitty-sync.db")
     }
 
+    /// The database file plus its WAL (which stays in place between commands), as the
+    /// commands report it.
     pub fn store_bytes(&self) -> u64 {
-        std::fs::metadata(self.store_path()).map(|m| m.len()).unwrap_or(0)
+        let wal = PathBuf::from(format!("{}-wal", self.store_path().display()));
+        [self.store_path(), wal].iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
     }
 
     pub fn write_config(&self, text: &str) {
