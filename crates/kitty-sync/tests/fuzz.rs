@@ -1,6 +1,6 @@
 //! Bounded fuzzing of every engine parser that reads outside bytes, as property tests: JSON
 //! Lines import (plain and gzip), the wire-response mapping, `config.toml` and `credentials`,
-//! and the legacy queue reader on damaged copies of real queue files.
+//! and the legacy queue and Python store readers on damaged copies of real files.
 //!
 //! `KITTY_SYNC_FUZZ_CASES=N` sets the cases per property (default small, so CI stays fast);
 //! a long run is `KITTY_SYNC_FUZZ_CASES=200000 cargo test -p kitty-sync --test fuzz --release`.
@@ -352,4 +352,135 @@ fn an_endless_line_is_refused_without_holding_it() {
     assert_eq!(report.invalid.len(), 1);
     assert_eq!(report.invalid[0].line, 2);
     assert!(report.invalid[0].error.contains("line longer than"), "{}", report.invalid[0].error);
+}
+
+mod support;
+
+/// The Python store files of the two fixture homes, and which one each belongs to.
+const PYTHON_FILES: [(&str, &str); 6] = [
+    ("public", "event_journal/journal-local.db"),
+    ("public", "event_journal/journal-tm-alice-private.db"),
+    ("public", "delivery/ledger.db"),
+    ("public", "delivery/targets.db"),
+    ("public-327", "projects/a781258b-0c7f-4871-a308-ecada586e22a/sync/sync.db"),
+    ("public-327", "projects/c19b6058-574e-4dbc-bf64-46251b8fa120/sync/sync.db"),
+];
+
+/// The source a Python store file is read as: `targets.db` belongs to the ledger's source.
+fn python_source_of(file: &str) -> &str {
+    if file == "delivery/targets.db" { "delivery/ledger.db" } else { file }
+}
+
+fn python_home(fixture: &str, without: Option<&str>) -> (tempfile::TempDir, Home) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("home");
+    support::copy_tree(&support::shared_fixtures().join("python-stores").join(fixture).join("home"), &root);
+    if let Some(file) = without {
+        fs::remove_file(root.join(file)).unwrap();
+    }
+    let home = Home::at(&root);
+    (dir, home)
+}
+
+/// What an import left in the journal, in terms that do not depend on sequence numbers.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Imported {
+    events: std::collections::BTreeSet<String>,
+    ledger: std::collections::BTreeSet<(String, String, String, String)>,
+    provenance: std::collections::BTreeMap<String, i64>,
+    targets: std::collections::BTreeSet<(String, String, String)>,
+}
+
+fn imported(home: &Home) -> Imported {
+    let Some(store) = Store::open_read_only(home).unwrap() else { return Imported::default() };
+    let conn = store.conn();
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(integrity, "ok");
+    let rows = |sql: &str, n: usize| -> Vec<Vec<String>> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, String>(i)).collect()).unwrap().map(Result::unwrap).collect()
+    };
+    Imported {
+        events: rows("SELECT event_id FROM events", 1).into_iter().map(|r| r[0].clone()).collect(),
+        ledger: rows(
+            "SELECT e.event_id, t.canonical_url, t.team_slug, l.status FROM ledger l
+             JOIN events e ON e.seq = l.seq JOIN targets t ON t.id = l.target",
+            4,
+        )
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone(), r[2].clone(), r[3].clone()))
+        .collect(),
+        provenance: rows("SELECT source, CAST(count(*) AS TEXT) FROM migration_provenance GROUP BY source", 2)
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+            .collect(),
+        targets: rows("SELECT canonical_url, team_slug, user_email FROM targets", 3)
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1].clone(), r[2].clone()))
+            .collect(),
+    }
+}
+
+/// What a clean import of the fixture leaves when one source is missing: the only outcome a
+/// damaged copy of that source may lead to once it is reported as failed. Cached, since
+/// there are only a few.
+fn imported_without(fixture: &str, source: &str) -> std::sync::Arc<Imported> {
+    type Cache = std::sync::Mutex<std::collections::HashMap<(String, String), std::sync::Arc<Imported>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    let key = (fixture.to_string(), source.to_string());
+    if let Some(found) = cache.lock().unwrap().get(&key) {
+        return found.clone();
+    }
+    let (_dir, home) = python_home(fixture, Some(source));
+    migrate_within(&home, std::time::Duration::from_secs(120)).unwrap();
+    let found = std::sync::Arc::new(imported(&home));
+    cache.lock().unwrap().insert(key, found.clone());
+    found
+}
+
+/// Runs the migration on its own thread, so a reader that loops on a damaged page is a
+/// failed case rather than a hung test run.
+fn migrate_within(home: &Home, limit: std::time::Duration) -> Result<legacy::MigrationReport, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = home.clone();
+    std::thread::spawn(move || {
+        let authority = TargetAuthority::resolve(&AuthorityInputs::default());
+        let _ = tx.send(legacy::migrate(&worker, &authority, &MigrateOptions::default(), &mut |_| {}));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(result) => result.map_err(|e| format!("{e} (hint: {})", e.hint())),
+        Err(_) => Err(format!("the migration did not finish within {limit:?}")),
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(16))]
+
+    #[test]
+    fn python_stores_damaged_at_random(which in any::<prop::sample::Index>(), damage in damage()) {
+        let (fixture, file) = PYTHON_FILES[which.index(PYTHON_FILES.len())];
+        let damaged_source = python_source_of(file);
+        let (_dir, home) = python_home(fixture, None);
+        apply(&home.root().join(file), &damage);
+        let report = migrate_within(&home, std::time::Duration::from_secs(60));
+        // A damaged source is a per-source finding, never a failed migration.
+        let report = report.map_err(|e| TestCaseError::fail(format!("{file} {damage:?}: {e}")))?;
+        let mut failed = None;
+        for source in &report.sources {
+            let Some(error) = &source.error else { continue };
+            prop_assert!(source.path.ends_with(damaged_source), "undamaged {} failed: {}", source.path, error);
+            prop_assert!(!error.is_empty());
+            prop_assert_eq!((source.imported, source.ledger_rows), (0, 0), "{} failed but counted rows", source.path);
+            failed = Some(source.source.clone());
+        }
+        let now = imported(&home);
+        prop_assert_eq!(now.events.len() as u64, report.totals.imported);
+        if let Some(source) = failed {
+            prop_assert!(!now.provenance.contains_key(&source), "{} failed but left provenance", source);
+            // Nothing of it, and everything of the others: exactly a clean import without it.
+            let expected = imported_without(fixture, damaged_source);
+            prop_assert_eq!(&now, &*expected, "{} {:?}", file, damage);
+        }
+    }
 }
