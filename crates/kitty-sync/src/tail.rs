@@ -83,7 +83,7 @@ impl JournalTail {
         for _ in 0..RACE_RETRIES {
             let before = FileState::of(&self.home.store_path());
             let mut cursor = Cursor { position: self.position, count: 0, damage: self.damage.clone() };
-            let Some(store) = open(&self.home, &mut cursor.damage)? else {
+            let Some(store) = open(&self.home, !before.wal_has_frames, &mut cursor.damage)? else {
                 return Ok(0);
             };
             cursor.fill(store.conn(), &self.types, max, out)?;
@@ -145,7 +145,16 @@ fn seq_of(home: &Home, event_id: &str) -> Result<i64> {
 
 /// The store, also when a damaged page keeps it from being identified: the journal's own
 /// tables may still be readable.
-fn open(home: &Home, damage: &mut Damage) -> Result<Option<Store>> {
+/// `settled`: no WAL frames, so no checkpoint can be growing the file while its header is
+/// compared with its length.
+fn open(home: &Home, settled: bool, damage: &mut Damage) -> Result<Option<Store>> {
+    // SQLite may read the pages a truncation cut off as if the journal simply ended there.
+    let path = home.store_path();
+    if let Some(len) = std::fs::metadata(&path).ok().map(|m| m.len()).filter(|len| settled && *len > 0)
+        && let Err(reason) = crate::legacy::check_header(&path, len)
+    {
+        damage.note(format!("{}: {reason}", path.display()));
+    }
     match Store::open_read_only(home) {
         Err(e) if e.hint() == crate::error::disk::CORRUPT_HINT => {
             damage.note(e.to_string());
@@ -155,8 +164,15 @@ fn open(home: &Home, damage: &mut Damage) -> Result<Option<Store>> {
     }
 }
 
+/// SQLite's own verdict, or a value of a type the schema never stores: a damaged page that
+/// still parses as one.
 fn is_corrupt(e: &rusqlite::Error) -> bool {
-    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+    matches!(
+        e,
+        rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    ) || matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
 }
 
 /// `base` (a stream query) with the type filter, its parameters after `?1`.
@@ -284,7 +300,10 @@ impl Cursor {
             Err(e) if !is_corrupt(&e) && e != rusqlite::Error::QueryReturnedNoRows => {
                 return Err(Error::store("cannot read the journal", e));
             }
-            _ => return Ok(self.unreadable(seq, &broken.to_string())),
+            _ => {
+                self.unreadable(seq, &broken.to_string());
+                return Ok(());
+            }
         };
         let wanted = types.is_empty()
             || serde_json::from_slice::<EventType>(&bytes).is_ok_and(|e| types.contains(&e.event_type));

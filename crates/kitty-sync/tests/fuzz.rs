@@ -439,18 +439,25 @@ fn imported_without(fixture: &str, source: &str) -> std::sync::Arc<Imported> {
     found
 }
 
-/// Runs the migration on its own thread, so a reader that loops on a damaged page is a
-/// failed case rather than a hung test run.
-fn migrate_within(home: &Home, limit: std::time::Duration) -> Result<legacy::MigrationReport, String> {
+/// Runs `f` on its own thread, so a reader that loops on a damaged page is a failed case
+/// rather than a hung test run.
+fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let worker = home.clone();
     std::thread::spawn(move || {
-        let authority = TargetAuthority::resolve(&AuthorityInputs::default());
-        let _ = tx.send(legacy::migrate(&worker, &authority, &MigrateOptions::default(), &mut |_| {}));
+        let _ = tx.send(f());
     });
-    match rx.recv_timeout(limit) {
-        Ok(result) => result.map_err(|e| format!("{e} (hint: {})", e.hint())),
-        Err(_) => Err(format!("the migration did not finish within {limit:?}")),
+    rx.recv_timeout(limit).ok()
+}
+
+fn migrate_within(home: &Home, limit: std::time::Duration) -> Result<legacy::MigrationReport, String> {
+    let worker = home.clone();
+    let run = within(limit, move || {
+        let authority = TargetAuthority::resolve(&AuthorityInputs::default());
+        legacy::migrate(&worker, &authority, &MigrateOptions::default(), &mut |_| {})
+    });
+    match run {
+        Some(result) => result.map_err(|e| format!("{e} (hint: {})", e.hint())),
+        None => Err(format!("the migration did not finish within {limit:?}")),
     }
 }
 
@@ -483,4 +490,114 @@ proptest! {
             prop_assert_eq!(&now, &*expected, "{} {:?}", file, damage);
         }
     }
+}
+
+/// A store of a few hundred events, and every line `tail` prints for it, built once.
+fn tail_fixture() -> &'static (Vec<u8>, Vec<String>) {
+    static FIXTURE: std::sync::OnceLock<(Vec<u8>, Vec<String>)> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let (dir, mut store) = new_store();
+        let lines: String = (0..300)
+            .map(|i| {
+                format!(
+                    "{{\"event_id\":\"{}\",\"event_type\":\"T{}\",\"payload\":{{\"n\":{i},\"pad\":\"{}\"}}}}\n",
+                    ulid::Ulid::generate(),
+                    i % 3,
+                    "x".repeat(i % 200)
+                )
+            })
+            .collect();
+        let options = ImportOptions { default_type: None, skip_invalid: false };
+        Journal::new(&mut store, CapturePolicy::default())
+            .import(&mut Cursor::new(lines), &options, &mut |_| {})
+            .unwrap();
+        drop(store);
+        let home = Home::at(dir.path());
+        let (printed, damage) = tail_all(&home);
+        assert!(damage.is_none());
+        let printed: Vec<String> = printed.unwrap().lines().map(str::to_string).collect();
+        assert_eq!(printed.len(), 300);
+        (fs::read(home.store_path()).unwrap(), printed)
+    })
+}
+
+/// Everything `tail` prints, and how it ends.
+fn tail_all(home: &Home) -> (Result<String, kitty_sync::Error>, Option<kitty_sync::Error>) {
+    let mut tail = match kitty_sync::tail::JournalTail::new(home, Vec::new(), None) {
+        Ok(tail) => tail,
+        Err(e) => return (Err(e), None),
+    };
+    let mut out = Vec::new();
+    loop {
+        match tail.next_page(&mut out, 64) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return (Err(e), tail.damage()),
+        }
+    }
+    (Ok(String::from_utf8_lossy(&out).into_owned()), tail.damage())
+}
+
+proptest! {
+    #![proptest_config(cases(24))]
+
+    #[test]
+    fn tail_exports_what_a_damaged_store_still_holds(damage in damage()) {
+        let (pristine, all) = tail_fixture();
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        fs::create_dir_all(home.store_path().parent().unwrap()).unwrap();
+        fs::write(home.store_path(), pristine).unwrap();
+        apply(&home.store_path(), &damage);
+        let worker = home.clone();
+        let Some((printed, damaged)) = within(std::time::Duration::from_secs(60), move || tail_all(&worker)) else {
+            return Err(TestCaseError::fail(format!("tail did not finish: {damage:?}")));
+        };
+        let printed = match printed {
+            Ok(printed) => printed,
+            Err(e) => {
+                prop_assert!(!e.hint().is_empty(), "{}", e);
+                return Ok(());
+            }
+        };
+        // A flipped byte inside an envelope is not something SQLite can see; whole pages are.
+        // An empty file is what a store looks like before its first commit.
+        if matches!(damage, Damage::Flip(_)) || fs::metadata(home.store_path()).unwrap().len() == 0 {
+            return Ok(());
+        }
+        let lines: Vec<&str> = printed.lines().collect();
+        for line in &lines {
+            prop_assert!(all.iter().any(|a| a == line), "tail printed what was never stored: {}", line);
+        }
+        if lines.len() < all.len() {
+            let error = damaged.ok_or_else(|| TestCaseError::fail(format!("{} of {} printed, no error", lines.len(), all.len())))?;
+            prop_assert!(error.hint().contains("kitty-sync tail > rescue.jsonl"), "{}", error.hint());
+            prop_assert_eq!(error.exit_code(), 1);
+        }
+    }
+}
+
+/// Found by `tail_exports_what_a_damaged_store_still_holds`: SQLite read a store cut short
+/// near its end as a journal that simply ended there, and `tail` exited 0 without the last
+/// events.
+#[test]
+fn a_store_cut_short_is_not_read_as_a_shorter_journal() {
+    let (pristine, all) = tail_fixture();
+    let mut exported_some = false;
+    for percent in 90..100 {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        fs::create_dir_all(home.store_path().parent().unwrap()).unwrap();
+        fs::write(home.store_path(), &pristine[..pristine.len() * percent / 100]).unwrap();
+        let error = match tail_all(&home) {
+            (Ok(printed), damage) => {
+                assert!(printed.lines().all(|line| all.iter().any(|a| a == line)));
+                exported_some |= !printed.is_empty();
+                damage.unwrap_or_else(|| panic!("cut at {percent}%: the export ended cleanly"))
+            }
+            (Err(error), _) => error,
+        };
+        assert!(error.hint().contains("kitty-sync tail > rescue.jsonl"), "{percent}%: {error}: {}", error.hint());
+    }
+    assert!(exported_some, "no cut left anything readable: the test cuts in the wrong place");
 }
