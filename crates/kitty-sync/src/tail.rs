@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::{Error, Result, StoreContext};
@@ -16,11 +17,25 @@ use crate::store::Store;
 /// Archived events are included (their payload is still there); purged ones have no payload
 /// row, and coalesced-away ones are never delivered, so neither belongs to the stream.
 /// `+e.state` keeps the planner on the `seq` range instead of the state index.
-const PAGE_SQL: &str = "SELECT e.seq, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq
-WHERE e.seq > ?1 AND +e.state <> 2 AND e.coalesced_into IS NULL";
+macro_rules! stream_sql {
+    ($seq:literal) => {
+        concat!(
+            "SELECT e.seq, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq
+WHERE e.seq ",
+            $seq,
+            " ?1 AND +e.state <> 2 AND e.coalesced_into IS NULL"
+        )
+    };
+}
+const PAGE_SQL: &str = stream_sql!(">");
+/// One journal position, for stepping over a damaged range.
+const ROW_SQL: &str = stream_sql!("=");
 
 /// How often a page read that raced a checkpoint is tried again before giving up.
 const RACE_RETRIES: u32 = 20;
+/// Positions read one at a time after a damaged page before paging is tried again: SQLite
+/// can often still reach the rows behind a broken page through the tree above it.
+const RESCUE_WINDOW: i64 = 4096;
 
 /// A position in the journal and the filter to apply from there on.
 #[derive(Debug, Clone)]
@@ -28,6 +43,25 @@ pub struct JournalTail {
     home: Home,
     types: Vec<String>,
     position: i64,
+    damage: Damage,
+}
+
+/// Journal positions SQLite could not read (a damaged page), stepped over so that every
+/// event it can still read is exported.
+#[derive(Debug, Clone, Default)]
+struct Damage {
+    unreadable: u64,
+    first: Option<String>,
+}
+
+impl Damage {
+    fn seen(&self) -> bool {
+        self.first.is_some()
+    }
+
+    fn note(&mut self, what: String) {
+        self.first.get_or_insert(what);
+    }
 }
 
 impl JournalTail {
@@ -38,28 +72,29 @@ impl JournalTail {
             None => 0,
             Some(event_id) => seq_of(home, event_id)?,
         };
-        Ok(JournalTail { home: home.clone(), types, position })
+        Ok(JournalTail { home: home.clone(), types, position, damage: Damage::default() })
     }
 
     /// Appends up to `max` next envelopes, one per line, to `out` and moves past them.
-    /// Returns how many were appended (0: nothing new yet).
+    /// Returns how many were appended (0: nothing new yet). Damaged pages are stepped over;
+    /// [`JournalTail::damage`] tells afterwards whether any were.
     pub fn next_page(&mut self, out: &mut Vec<u8>, max: usize) -> Result<usize> {
         let start_len = out.len();
         for _ in 0..RACE_RETRIES {
             let before = FileState::of(&self.home.store_path());
-            let Some(store) = Store::open_read_only(&self.home)? else {
+            let mut cursor = Cursor { position: self.position, count: 0, damage: self.damage.clone() };
+            let Some(store) = open(&self.home, !before.wal_has_frames, &mut cursor.damage)? else {
                 return Ok(0);
             };
-            let (count, last) = read_page(store.conn(), self.position, &self.types, max, out)?;
+            cursor.fill(store.conn(), &self.types, max, out)?;
             drop(store);
             // Without WAL frames the store is read as an immutable file (no lock, no -shm): a
             // writer that started and checkpointed meanwhile may have moved pages under the
             // read. Then the page is read again; with frames, SQLite's own locking applies.
             if before.wal_has_frames || FileState::of(&self.home.store_path()) == before {
-                if let Some(last) = last {
-                    self.position = last;
-                }
-                return Ok(count);
+                self.position = cursor.position;
+                self.damage = cursor.damage;
+                return Ok(cursor.count);
             }
             out.truncate(start_len);
             std::thread::sleep(Duration::from_millis(10));
@@ -68,6 +103,22 @@ impl JournalTail {
             "the store kept changing while it was read",
             "run `kitty-sync tail` again (with --after the last event id it printed)",
         ))
+    }
+
+    /// The error to end with when damaged pages were stepped over: everything readable was
+    /// printed, but the export is not the whole journal.
+    pub fn damage(&self) -> Option<Error> {
+        let first = self.damage.first.as_ref()?;
+        let count = match self.damage.unreadable {
+            0 => String::new(),
+            n => format!("{n} journal position(s) could not be read; "),
+        };
+        Some(Error::StoreUnusable {
+            message: format!(
+                "the store is damaged ({count}first: {first}); every event SQLite could still read was printed"
+            ),
+            hint: crate::error::disk::CORRUPT_HINT.to_string(),
+        })
     }
 }
 
@@ -92,40 +143,198 @@ fn seq_of(home: &Home, event_id: &str) -> Result<i64> {
         .ok_or_else(unknown)
 }
 
-/// One keyset page: envelopes after `after`, in capture order, written as lines.
-fn read_page(
-    conn: &Connection,
-    after: i64,
-    types: &[String],
-    max: usize,
-    out: &mut Vec<u8>,
-) -> Result<(usize, Option<i64>)> {
-    let mut sql = String::from(PAGE_SQL);
+/// The store, also when a damaged page keeps it from being identified: the journal's own
+/// tables may still be readable.
+/// `settled`: no WAL frames, so no checkpoint can be growing the file while its header is
+/// compared with its length.
+fn open(home: &Home, settled: bool, damage: &mut Damage) -> Result<Option<Store>> {
+    // SQLite may read the pages a truncation cut off as if the journal simply ended there.
+    let path = home.store_path();
+    if let Some(len) = std::fs::metadata(&path).ok().map(|m| m.len()).filter(|len| settled && *len > 0)
+        && let Err(reason) = crate::legacy::check_header(&path, len)
+    {
+        damage.note(format!("{}: {reason}", path.display()));
+    }
+    match Store::open_read_only(home) {
+        Err(e) if e.hint() == crate::error::disk::CORRUPT_HINT => {
+            damage.note(e.to_string());
+            Store::open_damaged(home).map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
+/// SQLite's own verdict, or a value of a type the schema never stores: a damaged page that
+/// still parses as one.
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    ) || matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+/// `base` (a stream query) with the type filter, its parameters after `?1`.
+fn filtered(base: &str, types: &[String]) -> String {
+    let mut sql = String::from(base);
     if !types.is_empty() {
         let marks = vec!["?"; types.len()].join(", ");
         sql.push_str(&format!(" AND e.event_type IN ({marks})"));
     }
-    sql.push_str(" ORDER BY e.seq LIMIT ?");
-    let mut stmt = conn.prepare_cached(&sql).ctx("cannot read the journal")?;
-    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(types.len() + 2);
-    params.push(&after);
-    for t in types {
-        params.push(t);
+    sql
+}
+
+/// The highest journal position, from whichever table SQLite can still reach the end of.
+fn last_seq(conn: &Connection) -> Option<i64> {
+    ["SELECT max(seq) FROM events", "SELECT max(seq) FROM payloads"]
+        .iter()
+        .find_map(|sql| conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0)).ok().flatten())
+}
+
+/// The one field of an envelope the type filter needs when its event row is unreadable.
+#[derive(serde::Deserialize)]
+struct EventType {
+    event_type: String,
+}
+
+/// One page being read: where it stands, how much it printed, what it stepped over.
+struct Cursor {
+    position: i64,
+    count: usize,
+    damage: Damage,
+}
+
+impl Cursor {
+    /// Pages forward until `max` envelopes are out or the journal ends, stepping over a
+    /// damaged range one position at a time.
+    fn fill(&mut self, conn: &Connection, types: &[String], max: usize, out: &mut Vec<u8>) -> Result<()> {
+        while let Some(broken) = self.read_page(conn, types, max, out)? {
+            self.damage.note(format!("after journal position {}: {broken}", self.position));
+            let last = last_seq(conn);
+            let end = self.position.saturating_add(RESCUE_WINDOW).min(last.unwrap_or(i64::MAX));
+            self.step_over(conn, types, end, max, out)?;
+            // Without a known end, what lies after the window cannot be told from nothing.
+            if self.count >= max || last.is_none_or(|last| self.position >= last) {
+                break;
+            }
+        }
+        Ok(())
     }
-    let limit = max as i64;
-    params.push(&limit);
-    let mut rows = stmt.query(params.as_slice()).ctx("cannot read the journal")?;
-    let (mut count, mut last) = (0, None);
-    while let Some(row) = rows.next().ctx("cannot read the journal")? {
-        let seq: i64 = row.get(0).ctx("cannot read the journal")?;
-        let envelope = row.get_ref(1).ctx("cannot read the journal")?;
-        let bytes = envelope.as_bytes().map_err(|e| Error::store("cannot read the journal", e.into()))?;
+
+    /// One keyset page. A damaged page ends it early and is returned (what was read before
+    /// it stays); any other failure is an error.
+    fn read_page(
+        &mut self,
+        conn: &Connection,
+        types: &[String],
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<rusqlite::Error>> {
+        let sql = filtered(PAGE_SQL, types) + " ORDER BY e.seq LIMIT ?";
+        let limit = (max - self.count) as i64;
+        let position = self.position;
+        let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(types.len() + 2);
+        params.push(&position);
+        params.extend(types.iter().map(|t| t as &dyn rusqlite::ToSql));
+        params.push(&limit);
+        let mut read = || -> rusqlite::Result<()> {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(params.as_slice())?;
+            while let Some(row) = rows.next()? {
+                self.emit(row.get(0)?, row.get_ref(1)?, out);
+            }
+            Ok(())
+        };
+        match read() {
+            Ok(()) => Ok(None),
+            Err(e) if is_corrupt(&e) => Ok(Some(e)),
+            Err(e) => Err(Error::store("cannot read the journal", e)),
+        }
+    }
+
+    /// Reads the positions after the current one up to `end` one by one, counting those
+    /// SQLite cannot read.
+    fn step_over(
+        &mut self,
+        conn: &Connection,
+        types: &[String],
+        end: i64,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let sql = filtered(ROW_SQL, types);
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| Error::store("cannot read the journal", e))?;
+        while self.position < end && self.count < max {
+            let seq = self.position + 1;
+            let mut params: Vec<&dyn rusqlite::ToSql> = vec![&seq];
+            params.extend(types.iter().map(|t| t as &dyn rusqlite::ToSql));
+            let row = stmt.query_row(params.as_slice(), |r| Ok(r.get_ref(1)?.as_bytes().map(<[u8]>::to_vec)));
+            match row {
+                Ok(Ok(bytes)) => self.emit(seq, ValueRef::Blob(&bytes), out),
+                Ok(Err(_)) => self.unreadable(seq, "the stored envelope is not text"),
+                Err(rusqlite::Error::QueryReturnedNoRows) => self.position = seq,
+                Err(e) if is_corrupt(&e) => self.payload_only(conn, seq, types, &e, out)?,
+                Err(e) => return Err(Error::store("cannot read the journal", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A position whose event row is on a damaged page may still have its envelope on a
+    /// readable one. Without the row, whether the event was coalesced away cannot be told: a
+    /// superseded envelope in the export costs less than a lost one.
+    fn payload_only(
+        &mut self,
+        conn: &Connection,
+        seq: i64,
+        types: &[String],
+        broken: &rusqlite::Error,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let found = conn
+            .prepare_cached("SELECT envelope FROM payloads WHERE seq = ?1")
+            .and_then(|mut stmt| stmt.query_row([seq], |r| Ok(r.get_ref(0)?.as_bytes().map(<[u8]>::to_vec))));
+        let bytes = match found {
+            Ok(Ok(bytes)) => bytes,
+            Err(e) if !is_corrupt(&e) && e != rusqlite::Error::QueryReturnedNoRows => {
+                return Err(Error::store("cannot read the journal", e));
+            }
+            _ => {
+                self.unreadable(seq, &broken.to_string());
+                return Ok(());
+            }
+        };
+        let wanted = types.is_empty()
+            || serde_json::from_slice::<EventType>(&bytes).is_ok_and(|e| types.contains(&e.event_type));
+        self.damage.note(format!("journal position {seq}: {broken}"));
+        if wanted {
+            self.emit(seq, ValueRef::Blob(&bytes), out);
+        }
+        self.position = seq;
+        Ok(())
+    }
+
+    /// Appends one envelope and moves past it. Once damage was seen, SQLite may hand back
+    /// garbage in place of an envelope: that is counted, never printed.
+    fn emit(&mut self, seq: i64, envelope: ValueRef<'_>, out: &mut Vec<u8>) {
+        let Ok(bytes) = envelope.as_bytes() else {
+            return self.unreadable(seq, "the stored envelope is not text");
+        };
+        if self.damage.seen() && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
+            return self.unreadable(seq, "the stored envelope is not JSON");
+        }
+        self.position = seq;
         out.extend_from_slice(bytes);
         out.push(b'\n');
-        count += 1;
-        last = Some(seq);
+        self.count += 1;
     }
-    Ok((count, last))
+
+    fn unreadable(&mut self, seq: i64, why: &str) {
+        self.position = seq;
+        self.damage.unreadable += 1;
+        self.damage.note(format!("journal position {seq}: {why}"));
+    }
 }
 
 /// What a reader can see of the store files without opening them.

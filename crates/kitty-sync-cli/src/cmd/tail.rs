@@ -48,6 +48,10 @@ pub fn run(args: TailArgs, home_flag: Option<&Path>, printer: &Printer) -> Resul
             Err(CatchUp::ReaderGone) => return Ok(ExitStatus::Success),
             Err(CatchUp::Failed(e)) => return Err(e.into()),
         }
+        // Everything readable is out; a store that had to be stepped over is not a clean end.
+        if let Some(damage) = tail.damage() {
+            return Err(damage.into());
+        }
         let Some(watcher) = watcher.as_mut() else { return Ok(ExitStatus::Success) };
         if remaining == 0 || watcher.wait(IDLE_LOOK) == Wake::Stop {
             return Ok(ExitStatus::Success);

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 /// Hint for a store SQLite found damaged.
 pub const CORRUPT_HINT: &str = "the store is damaged: keep a copy of event-sync/ before anything else, then run \
-     `kitty-sync doctor` to see what can still be read; `kitty-sync tail` exports the readable events as JSON Lines \
-     (re-import them into a fresh home with `kitty-sync emit --jsonl`)";
+     `kitty-sync doctor` to see what can still be read; `kitty-sync tail > rescue.jsonl` exports the readable events \
+     (re-import them into a fresh home with `kitty-sync emit --jsonl rescue.jsonl`)";
 
 /// A condition of the filesystem that the operator fixes outside kitty-sync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,4 +35,5 @@ pub use python::NOT_CONSENTED;
 pub use report::{
     BodyUploadCompatibility, LegacyQueueFile, LegacyQueuesReport, legacy_queues_report, stores_not_imported,
 };
+pub(crate) use source::check_header;
 pub use source::{Discovery, LEGACY_QUEUE, QUEUES_DIR, ScopeStatus, SourceFile, SourceKind, discover, queue_digest};

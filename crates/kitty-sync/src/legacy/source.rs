@@ -353,7 +353,7 @@ const HEADER_LEN: usize = 100;
 
 /// Rejects zero-byte, non-SQLite and truncated files from the 100-byte header alone, with a
 /// precise reason (SQLite itself may only notice a truncation when it reads a missing page).
-fn check_header(path: &Path, len: u64) -> Result<(), String> {
+pub(crate) fn check_header(path: &Path, len: u64) -> Result<(), String> {
     if len == 0 {
         return Err("empty file (0 bytes): not a SQLite database".to_string());
     }

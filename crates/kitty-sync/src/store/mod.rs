@@ -100,6 +100,24 @@ impl Store {
         }
     }
 
+    /// Opens a store that could not be identified because it is damaged, only to export what
+    /// SQLite can still read (`kitty-sync tail`): read-only, and only if the journal's tables
+    /// are there.
+    pub fn open_damaged(home: &Home) -> Result<Option<Store>> {
+        let path = home.store_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let opened = read_only::open(&path)?;
+        let store = Store { conn: opened.conn, path, _guard: opened.guard };
+        for table in ["events", "payloads"] {
+            if !store.has_table(table)? {
+                return Err(not_our_store(&store.path));
+            }
+        }
+        Ok(Some(store))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
