@@ -201,7 +201,14 @@ fn flood(addr: SocketAddr, count: usize, stop: Arc<AtomicBool>, opened: Arc<Atom
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            if let Ok(stream) = TcpStream::connect(addr) {
+            // A full accept backlog refuses a connect now and then: try again, bounded.
+            let stream = (0..50).find_map(|_| {
+                TcpStream::connect(addr).ok().or_else(|| {
+                    std::thread::sleep(Duration::from_millis(20));
+                    None
+                })
+            });
+            if let Some(stream) = stream {
                 open.push(stream);
                 opened.fetch_add(1, Ordering::Relaxed);
             }
