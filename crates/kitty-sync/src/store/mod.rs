@@ -109,7 +109,7 @@ impl Store {
             return Ok(None);
         }
         let opened = read_only::open(&path)?;
-        let store = Store { conn: opened.conn, path, _guard: opened.guard };
+        let store = Store { conn: opened.conn, path, writer: false, _guard: opened.guard };
         for table in ["events", "payloads"] {
             if !store.has_table(table)? {
                 return Err(not_our_store(&store.path));
