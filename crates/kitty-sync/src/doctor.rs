@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::authority::TargetAuthority;
 use crate::delivery::receiver::{ExternalReceiver, Gate, HEALTH_PATH, HttpClient, Receiver, TeamspaceReceiver};
@@ -16,8 +16,6 @@ use crate::mode::EventSyncMode;
 use crate::store::Store;
 use crate::target_url::canonicalize;
 
-/// A daemon whose heartbeat is older than this is not running (contract §10).
-pub const HEARTBEAT_STALE_SECS: i64 = 15;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -364,46 +362,26 @@ fn check_legacy(home: &Home, authority: &TargetAuthority, store: Option<&Store>)
     )
 }
 
-/// The parts of `event-sync/daemon.json` this check needs.
-#[derive(Deserialize)]
-struct DaemonState {
-    pid: Option<i64>,
-    heartbeat_at: Option<String>,
-    stopped_at: Option<String>,
-}
-
+/// The daemon's own rule decides "running" (`DaemonState::is_running`), as for `status`.
 fn check_daemon(home: &Home) -> Check {
-    let path = home.sync_dir().join("daemon.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ok("daemon", "no daemon state (none was run)"),
-        Err(e) => return fail("daemon", format!("{}: {e}", path.display()), "check the file's permissions"),
+    let state = match crate::daemon::state::read(home) {
+        Ok(Some(state)) => state,
+        Ok(None) => return ok("daemon", "no daemon state (none was run)"),
+        Err(e) => return fail("daemon", e.to_string(), e.hint()),
     };
-    let Ok(state) = serde_json::from_str::<DaemonState>(&text) else {
-        return fail(
-            "daemon",
-            format!("{} is not valid daemon state", path.display()),
-            "restart `kitty-sync daemon`; it rewrites the file",
-        );
-    };
-    if let Some(at) = state.stopped_at {
+    if let Some(at) = &state.stopped_at {
         return ok("daemon", format!("stopped cleanly at {at}"));
     }
-    let pid = state.pid.unwrap_or(0);
-    let age = state
-        .heartbeat_at
-        .as_deref()
-        .and_then(crate::clock::parse_rfc3339)
-        .map(|t| jiff::Timestamp::now().as_second() - t.as_second());
+    let pid = state.pid;
     let restart = "restart it (`kitty-sync daemon`, or through its systemd/launchd unit); nothing was lost: `kitty-sync now` delivers meanwhile";
-    if !pid_alive(pid) {
-        return fail("daemon", format!("not running: pid {pid} is gone without a clean stop"), restart);
+    if state.is_running(crate::clock::now_ms()) {
+        return ok("daemon", format!("running (pid {pid}, heartbeat at {})", state.heartbeat_at));
     }
-    match age {
-        Some(age) if age <= HEARTBEAT_STALE_SECS => ok("daemon", format!("running (pid {pid}, heartbeat {age} s ago)")),
-        Some(age) => fail("daemon", format!("pid {pid} is alive but its heartbeat is {age} s old (hung?)"), restart),
-        None => fail("daemon", format!("pid {pid}: no readable heartbeat_at"), restart),
+    if crate::daemon::state::pid_alive(pid) {
+        let detail = format!("pid {pid} is alive but its heartbeat ({}) is stale (hung?)", state.heartbeat_at);
+        return fail("daemon", detail, restart);
     }
+    fail("daemon", format!("not running: pid {pid} is gone without a clean stop"), restart)
 }
 
 fn check_conflicts(store: &Store) -> Check {
@@ -437,21 +415,4 @@ fn access(path: &Path) -> std::io::Result<()> {
     }
     #[cfg(not(unix))]
     std::fs::metadata(path).map(|_| ())
-}
-
-fn pid_alive(pid: i64) -> bool {
-    #[cfg(unix)]
-    {
-        let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-        if pid <= 0 {
-            return false;
-        }
-        // SAFETY: signal 0 only checks that the process exists.
-        let result = unsafe { libc::kill(pid, 0) };
-        result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-    }
-    #[cfg(not(unix))]
-    {
-        pid > 0
-    }
 }

@@ -31,7 +31,15 @@ fn check<'a>(doc: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no check {name} in {doc:#}"))
 }
 
-fn write_daemon_state(home: &Home, state: &Value) {
+/// A daemon state document of the §10 shape, with `fields` (pid, heartbeat_at, stopped_at)
+/// laid over it.
+fn write_daemon_state(home: &Home, fields: &Value) {
+    let mut state = serde_json::json!({
+        "pid": 0, "version": "0.1.0", "started_at": rfc3339_ago(120), "heartbeat_at": rfc3339_ago(0), "targets": [],
+    });
+    for (key, value) in fields.as_object().unwrap() {
+        state[key] = value.clone();
+    }
     std::fs::write(home.path().join("event-sync/daemon.json"), state.to_string()).unwrap();
 }
 
