@@ -357,7 +357,7 @@ pub fn undelivered(
     };
     let due = count_due(
         store.conn(),
-        DueQuery { target: record.id, epoch: record.epoch, team, from_seq: record.due_from_seq, limit: 0 },
+        DueQuery { target: record.id, epoch: record.epoch, team, types: None, from_seq: record.due_from_seq, limit: 0 },
     )?;
     let stuck: i64 = store
         .conn()

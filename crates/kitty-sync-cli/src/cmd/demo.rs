@@ -128,7 +128,7 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     let report = kitty_sync::status::build(
         &ctx.home,
         &ctx.authority,
-        &kitty_sync::status::CurrentDelivery { mode, receiver: receiver.as_deref() },
+        &kitty_sync::status::CurrentDelivery { mode, receiver: receiver.as_deref().map(|r| r as _) },
     );
     super::status::render(&report, &ctx, printer);
     drop((a, b));

@@ -2,6 +2,7 @@ pub mod completions;
 pub mod demo;
 pub mod doctor;
 pub mod emit;
+pub mod fan;
 pub mod inspect;
 pub mod migrate;
 pub mod mode;

@@ -25,7 +25,8 @@ pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     if receiver.is_none() {
         ctx.warn_authority(printer);
     }
-    let report = build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref() });
+    let report =
+        build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref().map(|r| r as _) });
     if printer.json {
         printer.json_doc(&report);
     } else {
