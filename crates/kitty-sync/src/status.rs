@@ -80,6 +80,9 @@ pub struct GcSuggestion {
 pub struct TargetsSection {
     pub current: Option<TargetEntry>,
     pub previous: Vec<TargetEntry>,
+    /// The `target list` entries of the active targets (contract §9), filled by the caller
+    /// that knows the configured named targets.
+    pub active: Vec<crate::target_report::TargetListEntry>,
 }
 
 #[derive(Debug, Serialize)]

@@ -25,14 +25,33 @@ pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     if receiver.is_none() {
         ctx.warn_authority(printer);
     }
-    let report =
+    let mut report =
         build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref().map(|r| r as _) });
+    active_targets(&mut report, &ctx);
     if printer.json {
         printer.json_doc(&report);
     } else {
         render(&report, &ctx, printer);
     }
     Ok(if args.check && !report.ok { ExitStatus::Blocked } else { ExitStatus::Success })
+}
+
+/// `delivery_targets.active`: what `target list` says of the active targets. A broken
+/// `[[event_sync.targets]]` entry or an unreadable store is a problem of the report, not an
+/// error of the command (status is read-only and always answers).
+fn active_targets(report: &mut StatusReport, ctx: &Context) {
+    // Quiet: the warnings the listing would repeat (authority, token variables) were given above.
+    match super::targets::list(ctx, &Printer::new(true, true, 0)) {
+        Ok(entries) => report.delivery_targets.active = entries.into_iter().filter(|e| e.active).collect(),
+        Err(e) => {
+            report.problems.push(kitty_sync::status::Problem {
+                message: format!("the delivery targets cannot be listed: {e}"),
+                hint: e.hint().to_string(),
+            });
+            report.ok = false;
+            report.exit_code = 3;
+        }
+    }
 }
 
 struct Style {
@@ -151,6 +170,19 @@ fn render_targets(r: &StatusReport, printer: &Printer, row: &dyn Fn(&str, String
         row(
             "previous",
             format!("{} ({}): {} delivered", t.canonical_url, t.kind.as_str_for_humans(), t.delivered_count),
+        );
+    }
+    for t in r.delivery_targets.active.iter().filter(|t| t.name.as_deref() != Some(kitty_sync::targets_config::PRIMARY))
+    {
+        row(
+            "named target",
+            format!(
+                "{} → {}: {} delivered, {} undelivered",
+                t.name.as_deref().unwrap_or("?"),
+                t.canonical_url,
+                t.delivered_count,
+                t.undelivered_count
+            ),
         );
     }
     let _ = printer;
