@@ -229,3 +229,16 @@ fn kill_9_during_a_fan_out_drain_then_now_delivers_every_event_once_everywhere()
         assert_eq!(e["selected"], e["delivered"].as_u64().unwrap() + e["duplicate"].as_u64().unwrap(), "{e:#}");
     }
 }
+
+#[test]
+fn demo_shows_two_targets_at_once_then_a_third_catching_up_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = crate::common::bin().env("TMPDIR", tmp.path()).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let line = |prefix: &str| stdout.lines().find(|l| l.trim_start().starts_with(prefix)).map(str::to_string);
+    assert!(line("A: Delivered 3,").is_some() && line("B: Delivered 3,").is_some(), "{stdout}");
+    assert!(line("C: Delivered 15,").is_some(), "{stdout}");
+    assert!(line("A, B: nothing to send").is_some(), "{stdout}");
+    assert!(stdout.lines().count() <= 40, "under a screen: {stdout}");
+}
