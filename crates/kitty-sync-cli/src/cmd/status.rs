@@ -42,11 +42,34 @@ pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
 fn active_targets(report: &mut StatusReport, ctx: &Context) {
     // Quiet: the warnings the listing would repeat (authority, token variables) were given above.
     match super::targets::list(ctx, &Printer::new(true, true, 0)) {
-        Ok(entries) => report.delivery_targets.active = entries.into_iter().filter(|e| e.active).collect(),
+        Ok(entries) => {
+            report.delivery_targets.active = entries.into_iter().filter(|e| e.active).collect();
+            blocked_named_targets(report, ctx);
+        }
         Err(e) => {
             report.problems.push(kitty_sync::status::Problem {
                 message: format!("the delivery targets cannot be listed: {e}"),
                 hint: e.hint().to_string(),
+            });
+            report.ok = false;
+            report.exit_code = 3;
+        }
+    }
+}
+
+/// An active named target whose receiver refuses our credentials makes `ok` false (a reset
+/// one already does, for every known target).
+fn blocked_named_targets(report: &mut StatusReport, ctx: &Context) {
+    let Ok(named) = ctx.config.named_targets.enabled() else { return };
+    for target in named {
+        let identity = kitty_sync::target_report::named_identity(target);
+        if let Ok(true) = kitty_sync::delivery::fanout::refuses_credentials(&ctx.home, &identity) {
+            report.problems.push(kitty_sync::status::Problem {
+                message: format!("target {} refuses our credentials (HTTP 401/403)", target.name),
+                hint: format!(
+                    "set the token in the variable named by target {}'s token_env in config.toml, then run `kitty-sync now`",
+                    target.name
+                ),
             });
             report.ok = false;
             report.exit_code = 3;

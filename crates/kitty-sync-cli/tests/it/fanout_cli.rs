@@ -173,6 +173,8 @@ fn a_blocked_target_exits_3_while_the_others_are_delivered() {
     assert_eq!(blocked["reason"], "auth_refused", "{report:#}");
     assert!(blocked["hint"].as_str().unwrap().contains("token_env"));
     assert_eq!(locked.dump().event_count, 0);
+    let status = home.run(&["status", "--check", "--json"]).expect(3).json();
+    assert_eq!(status["ok"], false);
 }
 
 #[test]

@@ -197,3 +197,21 @@ pub fn overall_exit_code(outcomes: &[TargetOutcome]) -> u8 {
         .or_else(|| codes().find(|c| *c == 4))
         .unwrap_or(0)
 }
+
+/// Whether the target's last word on some event still standing is a refusal of our
+/// credentials (401/403): it is blocked until the token is fixed (contract §9, `status`).
+pub fn refuses_credentials(home: &Home, identity: &TargetIdentity) -> crate::error::Result<bool> {
+    use crate::error::StoreContext;
+    let Some(store) = Store::open_read_only(home)? else { return Ok(false) };
+    let Some(record) = super::target::find(store.conn(), identity)? else { return Ok(false) };
+    // The status index narrows this to the target's standing transient failures.
+    store
+        .conn()
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM ledger WHERE target = ?1 AND epoch = ?2 AND status = 'failed_transient'
+                 AND last_http_status IN (401, 403))",
+            [record.id, record.epoch],
+            |r| r.get::<_, bool>(0),
+        )
+        .ctx("cannot read the ledger")
+}
