@@ -118,8 +118,13 @@ pub struct DrainSummary {
 
 impl DrainSummary {
     fn empty(record: &TargetRecord) -> DrainSummary {
+        DrainSummary::nothing(TargetSummary::of(record))
+    }
+
+    /// Zero counts for `target` (also for a target whose drain could not start).
+    pub fn nothing(target: TargetSummary) -> DrainSummary {
         DrainSummary {
-            target: TargetSummary::of(record),
+            target,
             selected: 0,
             delivered: 0,
             duplicate: 0,

@@ -163,27 +163,13 @@ fn failed(name: String, identity: &TargetIdentity, error: Error) -> TargetOutcom
 
 /// The counts of a target nothing was selected for.
 pub fn empty_summary(identity: &TargetIdentity) -> DrainSummary {
-    DrainSummary {
-        target: TargetSummary {
-            target_id: identity.target_id(),
-            canonical_url: identity.canonical_url.clone(),
-            team_slug: identity.team_slug.clone(),
-            user_email: identity.user_email.clone(),
-            kind: identity.kind,
-        },
-        selected: 0,
-        delivered: 0,
-        duplicate: 0,
-        pending: 0,
-        rejected: 0,
-        transient: 0,
-        terminal_failed: 0,
-        batches: 0,
-        elapsed_ms: 0,
-        failures: Vec::new(),
-        not_redeliverable: None,
-        stop: None,
-    }
+    DrainSummary::nothing(TargetSummary {
+        target_id: identity.target_id(),
+        canonical_url: identity.canonical_url.clone(),
+        team_slug: identity.team_slug.clone(),
+        user_email: identity.user_email.clone(),
+        kind: identity.kind,
+    })
 }
 
 /// The run's exit code (contract §9): 5 busy; else 3 when any target is blocked; else a
