@@ -5,10 +5,15 @@
 //!    everything (a new target must cost what the first did, not grow with the ledger);
 //! 3. `now` when everything is already delivered, at 100,000 and at 1,000,000 events.
 //!
-//! Run: `cargo bench -p kitty-sync-cli --bench drain` (add `-- --quick` for 20k / 200k).
+//! 4. fan-out (contract §9): the same 100,000 events to three receivers at once against one
+//!    (≤ 2×); one of three targets refusing connections; a no-op `now` with 5 targets on
+//!    1,000,000 events (≤ 50 ms).
+//!
+//! Run: `cargo bench -p kitty-sync-cli --bench drain` (add `-- --quick` for 20k / 200k,
+//! `-- --fanout` for part 4 alone).
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -19,12 +24,16 @@ use kitty_sync::delivery::target;
 use kitty_sync::home::Home;
 use kitty_sync::store::Store;
 use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStore};
+use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (drain_n, big_n) = if quick { (20_000, 200_000) } else { (100_000, 1_000_000) };
+    if std::env::args().any(|a| a == "--fanout") {
+        return fanout(drain_n, big_n);
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let receivers: Vec<BenchReceiver> =
         ["a", "b", "c"].iter().map(|name| BenchReceiver::start(dir.path(), name)).collect();
@@ -69,6 +78,78 @@ fn main() {
         median_ms(&home, &["status", "--json", "-q"], 5)
     );
     drop(receivers);
+    fanout(drain_n, big_n);
+}
+
+/// Fan-out (contract §9): one target vs three at once; one of three refusing connections;
+/// a no-op `now` with 5 targets on the big journal.
+fn fanout(drain_n: usize, big_n: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jsonl = dir.path().join("events.jsonl");
+    write_events(&jsonl, drain_n, 0);
+
+    // 1. One target, then three at once.
+    let one = BenchReceiver::start(dir.path(), "one");
+    let single = dir.path().join("single");
+    run(&single, &["emit", "--jsonl", path(&jsonl), "-q"]);
+    run(&single, &["mode", "external-receiver", "--endpoint", &one.endpoint, "-q"]);
+    let alone = time(|| run(&single, &["now", "-q"]));
+    println!("now → 1 target: {drain_n} events in {:.0} ms", ms(alone));
+
+    let three: Vec<BenchReceiver> = ["a", "b", "c"].iter().map(|n| BenchReceiver::start(dir.path(), n)).collect();
+    let fan = dir.path().join("fan");
+    run(&fan, &["emit", "--jsonl", path(&jsonl), "-q"]);
+    run(&fan, &["mode", "external-receiver", "--endpoint", &three[0].endpoint, "-q"]);
+    run(&fan, &["target", "add", "b", "--endpoint", &three[1].endpoint, "-q"]);
+    run(&fan, &["target", "add", "c", "--endpoint", &three[2].endpoint, "-q"]);
+    let (wall, report) = now_json(&fan, &[]);
+    println!(
+        "now → 3 targets at once: {drain_n} events each in {:.0} ms ({:.2}x the single target; per target {})",
+        ms(wall),
+        wall.as_secs_f64() / alone.as_secs_f64(),
+        per_target(&report)
+    );
+    for r in &three {
+        assert_eq!(r.store.stats().expect("stats").event_count, drain_n as u64, "every event delivered");
+    }
+
+    // 2. One of three refusing connections.
+    let pair: Vec<BenchReceiver> = ["d", "e"].iter().map(|n| BenchReceiver::start(dir.path(), n)).collect();
+    let two = dir.path().join("two");
+    run(&two, &["emit", "--jsonl", path(&jsonl), "-q"]);
+    run(&two, &["mode", "external-receiver", "--endpoint", &pair[0].endpoint, "-q"]);
+    run(&two, &["target", "add", "e", "--endpoint", &pair[1].endpoint, "-q"]);
+    let (pair_wall, pair_report) = now_json(&two, &[]);
+    println!("now → 2 targets: {:.0} ms (per target {})", ms(pair_wall), per_target(&pair_report));
+    let pair2: Vec<BenchReceiver> = ["f", "g"].iter().map(|n| BenchReceiver::start(dir.path(), n)).collect();
+    let down = dir.path().join("down");
+    run(&down, &["emit", "--jsonl", path(&jsonl), "-q"]);
+    run(&down, &["mode", "external-receiver", "--endpoint", &pair2[0].endpoint, "-q"]);
+    run(&down, &["target", "add", "g", "--endpoint", &pair2[1].endpoint, "-q"]);
+    run(&down, &["target", "add", "down", "--endpoint", &closed_endpoint(), "-q"]);
+    let (down_wall, down_report) = now_json(&down, &[]);
+    println!(
+        "now → same 2 targets + 1 refusing connections (default --retries 3): {:.0} ms overall (per target {})",
+        ms(down_wall),
+        per_target(&down_report)
+    );
+
+    // 3. No-op with 5 targets on a big journal.
+    let five: Vec<BenchReceiver> =
+        ["p", "q", "r", "s", "t"].iter().map(|n| BenchReceiver::start(dir.path(), n)).collect();
+    let big = dir.path().join("big");
+    write_events(&jsonl, big_n, 0);
+    run(&big, &["emit", "--jsonl", path(&jsonl), "-q"]);
+    run(&big, &["mode", "external-receiver", "--endpoint", &five[0].endpoint, "-q"]);
+    for (i, r) in five.iter().enumerate().skip(1) {
+        run(&big, &["target", "add", &format!("t{i}"), "--endpoint", &r.endpoint, "-q"]);
+    }
+    for r in &five {
+        mark_delivered_directly(&big, &r.endpoint);
+    }
+    let first = time(|| run(&big, &["now", "-q"]));
+    println!("now (first no-op after a direct ledger fill, {big_n} events, 5 targets): {:.0} ms", ms(first));
+    println!("now (already delivered, {big_n} events, 5 targets): median {:.1} ms", median_ms(&big, &["now", "-q"], 7));
 }
 
 /// A built-in receiver in this process, on loopback.
@@ -86,6 +167,31 @@ impl BenchReceiver {
         let endpoint = format!("{}/api/v1/events/batch/", server.url());
         BenchReceiver { _server: server, store, endpoint }
     }
+}
+
+fn closed_endpoint() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}/api/v1/events/batch/")
+}
+
+/// `now --json` (any exit code): wall time and the report.
+fn now_json(home: &Path, extra: &[&str]) -> (Duration, Value) {
+    let start = Instant::now();
+    let output =
+        Command::new(BIN).arg("--home").arg(home).args(["now", "--json"]).args(extra).output().expect("run kitty-sync");
+    let wall = start.elapsed();
+    (wall, serde_json::from_slice(&output.stdout).expect("now --json report"))
+}
+
+fn per_target(report: &Value) -> String {
+    let targets = report["targets"].as_array().cloned().unwrap_or_default();
+    targets
+        .iter()
+        .map(|t| format!("{} {} ms, exit {}", t["name"].as_str().unwrap_or("?"), t["elapsed_ms"], t["exit_code"]))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn path(p: &Path) -> &str {

@@ -82,6 +82,9 @@ pub struct GcSuggestion {
 pub struct TargetsSection {
     pub current: Option<TargetEntry>,
     pub previous: Vec<TargetEntry>,
+    /// The `target list` entries of the active targets (contract §9), filled by the caller
+    /// that knows the configured named targets.
+    pub active: Vec<crate::target_report::TargetListEntry>,
 }
 
 #[derive(Debug, Serialize)]
@@ -383,7 +386,7 @@ pub fn undelivered(
     };
     let due = count_due(
         store.conn(),
-        DueQuery { target: record.id, epoch: record.epoch, team, from_seq: record.due_from_seq, limit: 0 },
+        DueQuery { target: record.id, epoch: record.epoch, team, types: None, from_seq: record.due_from_seq, limit: 0 },
     )?;
     let stuck: i64 = store
         .conn()

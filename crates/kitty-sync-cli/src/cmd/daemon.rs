@@ -70,12 +70,13 @@ pub fn run(args: DaemonArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     Ok(ExitStatus::Success)
 }
 
-/// Every target the daemon keeps delivered: today the mode's primary target when the mode
-/// delivers. Named targets (`[[event_sync.targets]]`) join this list.
+/// Every active target (contract §9), chosen exactly as `now` chooses them: the mode's primary
+/// when the mode delivers, then the enabled named targets with their type filters.
 fn active_targets(ctx: &Context, printer: &Printer) -> kitty_sync::Result<Vec<DaemonTarget>> {
     let mode = ctx.config.mode()?;
-    let primary = super::target::active_receiver(ctx, mode, REQUEST_TIMEOUT, printer)?;
-    Ok(primary.into_iter().map(|receiver| DaemonTarget { name: "primary".into(), receiver }).collect())
+    let plan = super::fan::plan(ctx, mode, &[], REQUEST_TIMEOUT, printer)?;
+    let targets = plan.targets.into_iter();
+    Ok(targets.map(|t| DaemonTarget { name: t.name, receiver: t.receiver, types: t.types }).collect())
 }
 
 fn bind_health(addr: &str) -> kitty_sync::Result<TcpListener> {

@@ -10,12 +10,14 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::Args;
 use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, drain};
+use kitty_sync::delivery::fanout::drain_all;
 use kitty_sync::delivery::lock::{self, DrainLock};
 use kitty_sync::delivery::receiver::{ExternalReceiver, HttpClient};
 use kitty_sync::event_journal::{CapturePolicy, Journal, NewEvent};
 use kitty_sync::home::{Home, set_config_string, try_edit_config};
 use kitty_sync::mode::EventSyncMode;
 use kitty_sync::store::Store;
+use kitty_sync::targets_config::{self, NewTarget, PRIMARY};
 use kitty_sync_receiver::{ReceiverStore, RunningServer, ServerConfig, SqliteStore};
 use serde_json::json;
 
@@ -80,24 +82,17 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     let home = Home::at(&dir.path().join("home"));
     let a = DemoReceiver::start(dir.path(), "a")?;
     let b = DemoReceiver::start(dir.path(), "b")?;
+    let c = DemoReceiver::start(dir.path(), "c")?;
     let say = |text: String| printer.line(text);
     say(format!("kitty-sync demo — temporary home {}", home.root().display()));
-    say(format!("receivers: A {} · B {}", a.server.url(), b.server.url()));
+    say(format!("receivers: A {} · B {} · C {}", a.server.url(), b.server.url(), c.server.url()));
 
     // Held for the whole story: every drain below changes delivery state.
     let lock = lock::acquire(&home, Duration::ZERO, "`kitty-sync demo`")?;
     let mut store = Store::open(&home)?;
     let policy = CapturePolicy { mode: EventSyncMode::ExternalReceiver, ..CapturePolicy::default() };
     let mut journal = Journal::new(&mut store, policy);
-    for (i, (event_type, note)) in SAMPLE.iter().enumerate() {
-        journal.append(NewEvent {
-            event_type: event_type.to_string(),
-            aggregate_id: Some("demo-mission".into()),
-            aggregate_type: Some("Mission".into()),
-            payload: Some(json!({ "step": i + 1, "note": note })),
-            ..NewEvent::default()
-        })?;
-    }
+    append(&mut journal, &SAMPLE)?;
     say(format!("1. captured {} events into the journal", SAMPLE.len()));
 
     let first = drain_to(&home, &mut store, &lock, &a, "2. now → A")?;
@@ -119,6 +114,13 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
         a.identical_to_journal(&store)?,
         b.identical_to_journal(&store)?
     ));
+    capture(&mut store, &SAMPLE[..3])?;
+    say("8. captured 3 more; kitty-sync target add b --endpoint <B> (beside primary A); now → both at once".into());
+    add_target(&home, "b", &b)?;
+    fan_out(&home, &lock, printer)?;
+    say("9. kitty-sync target add c --endpoint <C>; now → C catches up alone".into());
+    add_target(&home, "c", &c)?;
+    fan_out(&home, &lock, printer)?;
     drop((store, lock));
     say(String::new());
     say("kitty-sync status:".into());
@@ -128,14 +130,70 @@ pub fn run(_args: DemoArgs, _home_flag: Option<&Path>, printer: &Printer) -> Res
     let report = kitty_sync::status::build(
         &ctx.home,
         &ctx.authority,
-        &kitty_sync::status::CurrentDelivery { mode, receiver: receiver.as_deref() },
+        &kitty_sync::status::CurrentDelivery { mode, receiver: receiver.as_deref().map(|r| r as _) },
     );
     super::status::render(&report, &ctx, printer);
-    drop((a, b));
+    drop((a, b, c));
     dir.close().context("cannot remove the temporary home")?;
     say(String::new());
-    say("Done: the temporary home and both receiver databases were removed.".into());
+    say("Done: the temporary home and the receiver databases were removed.".into());
     Ok(ExitStatus::Success)
+}
+
+fn append(journal: &mut Journal<'_>, events: &[(&str, &str)]) -> Result<()> {
+    for (i, (event_type, note)) in events.iter().enumerate() {
+        journal.append(NewEvent {
+            event_type: event_type.to_string(),
+            aggregate_id: Some("demo-mission".into()),
+            aggregate_type: Some("Mission".into()),
+            payload: Some(json!({ "step": i + 1, "note": note })),
+            ..NewEvent::default()
+        })?;
+    }
+    Ok(())
+}
+
+fn capture(store: &mut Store, events: &[(&str, &str)]) -> Result<()> {
+    let policy = CapturePolicy { mode: EventSyncMode::ExternalReceiver, ..CapturePolicy::default() };
+    append(&mut Journal::new(store, policy), events)
+}
+
+/// `kitty-sync target add NAME --endpoint <receiver>`.
+fn add_target(home: &Home, name: &str, receiver: &DemoReceiver) -> Result<()> {
+    let path = home.config_path();
+    let new = NewTarget {
+        name: name.into(),
+        endpoint: receiver.endpoint(),
+        token_env: None,
+        types: Vec::new(),
+        enabled: true,
+    };
+    try_edit_config(&path, |doc| targets_config::add(doc, &path, &new))?;
+    Ok(())
+}
+
+/// `kitty-sync now` with every active target: one final line per target.
+fn fan_out(home: &Home, lock: &DrainLock, printer: &Printer) -> Result<()> {
+    let ctx = Context::load(Some(home.root()))?;
+    let mode = ctx.config.mode()?;
+    let plan = super::fan::plan(&ctx, mode, &[], Duration::from_secs(10), printer)?;
+    let outcomes = drain_all(home, lock, plan.targets, &DrainOptions::default(), false, &mut |_, _| {});
+    let mut idle = Vec::new();
+    for outcome in outcomes {
+        if let Some(e) = outcome.error {
+            return Err(e.into());
+        }
+        let name = if outcome.name == PRIMARY { "A".to_string() } else { outcome.name.to_uppercase() };
+        if outcome.summary.selected == 0 {
+            idle.push(name);
+            continue;
+        }
+        printer.line(format!("   {name}: {}", super::now::final_line(&outcome.summary, &outcome.name)));
+    }
+    if !idle.is_empty() {
+        printer.line(format!("   {}: nothing to send", idle.join(", ")));
+    }
+    Ok(())
 }
 
 /// Points the home at `receiver` (as `kitty-sync mode` would) and drains to it.

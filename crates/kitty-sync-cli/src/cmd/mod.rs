@@ -3,6 +3,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doctor;
 pub mod emit;
+pub mod fan;
 pub mod inspect;
 pub mod migrate;
 pub mod mode;

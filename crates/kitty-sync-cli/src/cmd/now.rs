@@ -6,14 +6,15 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use kitty_sync::Error;
-use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, StopReason, drain};
+use kitty_sync::delivery::dispatcher::{DrainOptions, DrainSummary, StopReason};
+use kitty_sync::delivery::fanout::{TargetOutcome, drain_all, overall_exit_code};
 use kitty_sync::delivery::lock;
-use kitty_sync::delivery::target::TargetKind;
 use kitty_sync::home::write_atomically;
 use kitty_sync::store::Store;
+use kitty_sync::targets_config::PRIMARY;
 use serde::Serialize;
 
-use super::Context;
+use super::{Context, fan};
 use crate::exit_status::ExitStatus;
 use crate::output::Printer;
 
@@ -44,16 +45,22 @@ pub struct NowArgs {
     /// earlier ledger rows are kept as history
     #[arg(long)]
     redrain: bool,
+    /// Deliver only to this target (repeatable; `primary` is the mode's target; default: every active target)
+    #[arg(long = "target", value_name = "NAME")]
+    targets: Vec<String>,
 }
 
 #[derive(Serialize)]
 struct NowReport<'a> {
     mode: &'static str,
+    /// The primary target's counts (§7 keys; zeros when it was not delivered to).
     #[serde(flatten)]
-    summary: Option<&'a DrainSummary>,
+    summary: &'a DrainSummary,
+    exit_code: u8,
+    targets: &'a [TargetOutcome],
     #[serde(skip_serializing_if = "Option::is_none")]
     note: Option<String>,
-    /// Why nothing (more) was delivered, when the drain was refused (gates, reset, busy).
+    /// Why nothing (more) was delivered, when the run was refused (busy) or a lone target blocked.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ReportedError>,
 }
@@ -65,6 +72,12 @@ struct ReportedError {
     exit_code: u8,
 }
 
+impl ReportedError {
+    fn of(e: &Error) -> ReportedError {
+        ReportedError { message: e.to_string(), hint: e.hint().to_string(), exit_code: e.exit_code() }
+    }
+}
+
 pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     if let Some(path) = &args.report {
@@ -72,27 +85,39 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         kitty_sync::atomic_write::check_destination(path)?;
     }
     let mode = ctx.config.mode()?;
-    ctx.check_delivery(mode)?;
-    let timeout = args.timeout;
-    let Some(mut receiver) = super::target::active_receiver(&ctx, mode, timeout, printer)? else {
+    let plan = fan::plan(&ctx, mode, &args.targets, args.timeout, printer)?;
+    let primary_summary = plan.primary_summary();
+    if plan.targets.is_empty() {
         let note = format!("Event sync mode {mode}: events are retained locally; nothing is delivered in this mode.");
-        let report = NowReport { mode: mode.display_name(), summary: None, note: Some(note.clone()), error: None };
+        let report = NowReport {
+            mode: mode.display_name(),
+            summary: &primary_summary,
+            exit_code: 0,
+            targets: &[],
+            note: Some(note.clone()),
+            error: None,
+        };
         emit_report(&report, &args, printer)?;
         printer.line(note);
         return Ok(ExitStatus::Success);
-    };
-    let wait = args.wait;
-    let refused = |e: kitty_sync::Error| -> Result<ExitStatus> {
-        let error = ReportedError { message: e.to_string(), hint: e.hint().to_string(), exit_code: e.exit_code() };
-        let report = NowReport { mode: mode.display_name(), summary: None, note: None, error: Some(error) };
-        emit_report(&report, &args, printer)?;
-        Err(e.into())
-    };
-    let lock = match lock::acquire(&ctx.home, wait, "`kitty-sync now`") {
+    }
+    let lock = match lock::acquire(&ctx.home, args.wait, "`kitty-sync now`") {
         Ok(lock) => lock,
-        Err(e) => return refused(e),
+        Err(e) => {
+            let report = NowReport {
+                mode: mode.display_name(),
+                summary: &primary_summary,
+                exit_code: e.exit_code(),
+                targets: &[],
+                note: None,
+                error: Some(ReportedError::of(&e)),
+            };
+            emit_report(&report, &args, printer)?;
+            return Err(e.into());
+        }
     };
-    let mut store = Store::open(&ctx.home)?;
+    // Opened (and migrated) once here, before the targets' connections open side by side.
+    drop(Store::open(&ctx.home)?);
     let options = DrainOptions {
         limit: args.limit,
         batch_events: args.batch_events as usize,
@@ -101,34 +126,89 @@ pub fn run(args: NowArgs, home_flag: Option<&Path>, printer: &Printer) -> Result
         redrain: args.redrain,
         ..DrainOptions::default()
     };
+    let has_primary = plan.has_primary;
     let bar = crate::output::Progress::bar(printer, "delivering");
-    let summary = drain(&mut store, &lock, receiver.as_mut(), &options, bar.is_visible(), &mut |done, total| {
+    let outcomes = drain_all(&ctx.home, &lock, plan.targets, &options, bar.is_visible(), &mut |done, total| {
         bar.update(done, total)
     });
     bar.finish();
-    // Whatever the drain's outcome: a rotated token that could not be saved is said, and fails.
-    let unsaved = receiver.finish();
-    let summary = match summary {
-        Ok(summary) => summary,
-        Err(e) => {
-            if let Err(u) = &unsaved {
-                printer.warn(format!("{u} (hint: {})", u.hint()));
-            }
-            return refused(e);
-        }
+    let exit_code = overall_exit_code(&outcomes);
+    let primary = outcomes.iter().find(|o| has_primary && o.name == PRIMARY).map(|o| &o.summary);
+    let lone_error = match outcomes.as_slice() {
+        [only] => only.error.as_ref(),
+        _ => None,
     };
-    emit_report(
-        &NowReport { mode: mode.display_name(), summary: Some(&summary), note: None, error: None },
-        &args,
-        printer,
-    )?;
-    print_failures(&summary, printer);
-    if let Some(n) = summary.not_redeliverable.filter(|n| *n > 0) {
-        printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));
+    let report = NowReport {
+        mode: mode.display_name(),
+        summary: primary.unwrap_or(&primary_summary),
+        exit_code,
+        targets: &outcomes,
+        note: None,
+        error: lone_error
+            .filter(|e| matches!(e.exit_code(), 3 | 5) && primary.is_none_or(|p| p.batches == 0))
+            .map(ReportedError::of),
+    };
+    emit_report(&report, &args, printer)?;
+    for outcome in &outcomes {
+        report_target(outcome, mode.display_name(), outcomes.len() > 1, printer);
     }
-    printer.line(final_line(&summary, mode.display_name()));
-    unsaved?;
-    exit_code(&summary, printer)
+    finish(outcomes, exit_code)
+}
+
+/// One target's failures, warnings and final line.
+fn report_target(outcome: &TargetOutcome, mode: &str, named: bool, printer: &Printer) {
+    let summary = &outcome.summary;
+    let ran = outcome.error.is_none() || summary.batches > 0;
+    if ran {
+        print_failures(summary, printer);
+        if let Some(n) = summary.not_redeliverable.filter(|n| *n > 0) {
+            printer.warn(format!("{n} event(s) were purged by gc and cannot be delivered again to this target"));
+        }
+        let label = if outcome.name == PRIMARY { mode.to_string() } else { outcome.name.clone() };
+        printer.line(final_line(summary, &label));
+    }
+    if named && let Some(e) = &outcome.error {
+        printer.warn(format!("target {}: {e} (hint: {})", outcome.name, e.hint()));
+    }
+    // A lone target that otherwise succeeded ends with this error instead (see `finish`).
+    if let Some(u) = outcome.unsaved.as_ref().filter(|_| named || outcome.error.is_some()) {
+        printer.warn(format!("{u} (hint: {})", u.hint()));
+    }
+    if let Some(StopReason::Transient { error, .. }) = &summary.stop {
+        let who = if named { format!("target {}: ", outcome.name) } else { String::new() };
+        printer.warn(format!("{who}delivery stopped after retries: {error}"));
+        printer.note("hint: nothing was lost; run `kitty-sync now` again when the receiver is reachable");
+    } else if outcome.exit_code == 4 {
+        printer.note(
+            "hint: some events were not delivered; `kitty-sync now` re-sends pending/transient ones, \
+             `kitty-sync retry --all-parked [--rejected]` requeues parked/rejected ones",
+        );
+    }
+}
+
+/// The run's exit: a lone target's error is the process's error (its message and hint on
+/// stderr); several targets end with the precedence of contract §9.
+fn finish(outcomes: Vec<TargetOutcome>, exit_code: u8) -> Result<ExitStatus> {
+    let single = outcomes.len() == 1;
+    for outcome in outcomes {
+        if let Some(u) = outcome.unsaved
+            && single
+            && outcome.error.is_none()
+        {
+            return Err(u.into());
+        }
+        if single && let Some(e) = outcome.error {
+            return Err(e.into());
+        }
+    }
+    Ok(match exit_code {
+        0 => ExitStatus::Success,
+        2 => ExitStatus::Usage,
+        3 => ExitStatus::Blocked,
+        4 => ExitStatus::Incomplete,
+        5 => ExitStatus::Busy,
+        _ => ExitStatus::Failure,
+    })
 }
 
 fn emit_report(report: &NowReport<'_>, args: &NowArgs, printer: &Printer) -> Result<()> {
@@ -171,32 +251,4 @@ pub fn final_line(s: &DrainSummary, mode: &str) -> String {
 
 fn human_duration(ms: u64) -> String {
     if ms < 1000 { format!("{ms} ms") } else { format!("{:.2} s", ms as f64 / 1000.0) }
-}
-
-fn exit_code(summary: &DrainSummary, printer: &Printer) -> Result<ExitStatus> {
-    match &summary.stop {
-        Some(StopReason::Auth { error }) => {
-            let hint = match summary.target.kind {
-                TargetKind::Teamspace => {
-                    "log in again with spec-kitty (`spec-kitty auth login`), then run `kitty-sync now`"
-                }
-                TargetKind::External => "check the token in the variable named by [event_sync] external_token_env",
-            };
-            Err(Error::auth_refused(format!("the receiver refused our credentials ({error}); delivery stopped"), hint)
-                .into())
-        }
-        Some(StopReason::Transient { error, .. }) => {
-            printer.warn(format!("delivery stopped after retries: {error}"));
-            printer.note("hint: nothing was lost; run `kitty-sync now` again when the receiver is reachable");
-            Ok(ExitStatus::Incomplete)
-        }
-        None if summary.complete() => Ok(ExitStatus::Success),
-        None => {
-            printer.note(
-                "hint: some events were not delivered; `kitty-sync now` re-sends pending/transient ones, \
-                 `kitty-sync retry --all-parked [--rejected]` requeues parked/rejected ones",
-            );
-            Ok(ExitStatus::Incomplete)
-        }
-    }
 }

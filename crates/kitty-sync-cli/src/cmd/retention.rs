@@ -51,7 +51,8 @@ fn open_store(home: &Home, dry_run: bool) -> Result<Store> {
     match existing {
         Some(store) if dry_run => Ok(store),
         Some(read_only) => {
-            // Closed before the writer opens (see `Store::open_read_only`).
+            // Closed first: its whole-file read lock (held when no WAL file exists) would
+            // keep the writer below from opening the store ("database is locked").
             drop(read_only);
             Ok(Store::open(home)?)
         }
@@ -81,6 +82,20 @@ fn current_target(ctx: &Context, printer: &Printer) -> Result<Option<TargetIdent
     })
 }
 
+/// The enabled named targets: known to archive and gc even before their first drain.
+fn active_named(ctx: &Context) -> kitty_sync::Result<Vec<retention::ActiveNamed>> {
+    Ok(ctx
+        .config
+        .named_targets
+        .enabled()?
+        .into_iter()
+        .map(|t| retention::ActiveNamed {
+            identity: kitty_sync::target_report::named_identity(t),
+            types: t.types.clone(),
+        })
+        .collect())
+}
+
 pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
     let ctx = Context::load(home_flag)?;
     let home = &ctx.home;
@@ -89,10 +104,11 @@ pub fn archive(args: ArchiveArgs, home_flag: Option<&Path>, printer: &Printer) -
         None => None,
     };
     let current = current_target(&ctx, printer)?;
+    let named = active_named(&ctx)?;
     let mut store = open_store(home, args.dry_run)?;
     let lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "archive")?) };
     let change = lock.as_ref().map_or(Change::DryRun, Change::Apply);
-    let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), change)?;
+    let report = retention::archive(&mut store, home, args.out.as_deref(), cutoff, current.as_ref(), &named, change)?;
     if printer.json {
         if let Some(note) = &report.note {
             printer.note(format!("Nothing archived: {note}."));
@@ -117,11 +133,13 @@ pub fn gc(args: GcArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<E
     let ctx = Context::load(home_flag)?;
     let home = &ctx.home;
     let current = current_target(&ctx, printer)?;
+    let named = active_named(&ctx)?;
     let mut store = open_store(home, args.dry_run)?;
     let lock = if args.dry_run { None } else { Some(lock::acquire(home, args.wait, "gc")?) };
     let change = lock.as_ref().map_or(Change::DryRun, Change::Apply);
     let bar = crate::output::Progress::bar(printer, "purging");
-    let report = retention::gc(&mut store, current.as_ref(), change, &mut |done, total| bar.update(done, Some(total)));
+    let report =
+        retention::gc(&mut store, current.as_ref(), &named, change, &mut |done, total| bar.update(done, Some(total)));
     bar.finish();
     let report = report?;
     if printer.json {

@@ -1,4 +1,5 @@
-//! `kitty-sync retry`: make parked (and rejected) events of the current target due again.
+//! `kitty-sync retry`: make parked (and rejected) events due again, for every active target or
+//! those named with `--target`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use kitty_sync::Error;
 use kitty_sync::delivery::lock;
 use kitty_sync::delivery::retry::{RetrySelection, release_not_consented, requeue_for};
 use kitty_sync::store::Store;
+use serde::Serialize;
 
 use super::Context;
 use crate::exit_status::ExitStatus;
@@ -34,6 +36,9 @@ pub struct RetryArgs {
     /// Wait up to SECS for a running drain to finish
     #[arg(long, value_name = "SECS", default_value = "0", value_parser = crate::args::seconds)]
     wait: Duration,
+    /// Only for this target (repeatable; `primary` is the mode's target; default: every active target)
+    #[arg(long = "target", value_name = "NAME")]
+    targets: Vec<String>,
 }
 
 pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Result<ExitStatus> {
@@ -57,39 +62,67 @@ pub fn run(args: RetryArgs, home_flag: Option<&Path>, printer: &Printer) -> Resu
     }
     let ctx = Context::load(home_flag)?;
     let mode = ctx.config.mode()?;
-    let Some(receiver) = super::target::active_receiver(&ctx, mode, Duration::from_secs(5), printer)? else {
+    let plan = super::fan::plan(&ctx, mode, &args.targets, Duration::from_secs(5), printer)?;
+    if plan.targets.is_empty() {
         return Err(Error::usage(
-            format!("mode {mode} delivers nowhere, so there is no current target to retry for"),
-            "switch to a delivering mode with `kitty-sync mode`",
+            format!("mode {mode} delivers nowhere and no named target is active, so there is no target to retry for"),
+            "switch to a delivering mode with `kitty-sync mode`, or add one with `kitty-sync target add`",
         )
         .into());
-    };
+    }
     let selection = RetrySelection { parked: args.all_parked || !args.event_ids.is_empty(), rejected: args.rejected };
-    let canonical_url = &receiver.identity().canonical_url;
     let lock = lock::acquire(&ctx.home, args.wait, "`kitty-sync retry`")?;
     let mut store = Store::open(&ctx.home)?;
-    let Some(report) = requeue_for(&mut store, &lock, receiver.identity(), &args.event_ids, selection)? else {
-        printer.line(format!("Nothing to retry: {canonical_url} has never been drained to."));
-        return Ok(ExitStatus::Success);
-    };
+    let mut reports = Vec::new();
+    for target in &plan.targets {
+        let identity = target.receiver.identity();
+        let report = requeue_for(&mut store, &lock, identity, &args.event_ids, selection)?;
+        reports.push(TargetRetry { name: target.name.clone(), canonical_url: identity.canonical_url.clone(), report });
+    }
     if printer.json {
-        printer.json_doc(&report);
-    } else {
-        for s in &report.skipped {
-            let status = s.status.as_deref().unwrap_or("never attempted");
-            printer.note(format!(
-                "skipped {}: {status} (only parked{} events are retried)",
-                s.event_id,
-                if args.rejected { " or rejected" } else { "" }
-            ));
+        match reports.as_slice() {
+            [only] => match &only.report {
+                Some(report) => printer.json_doc(report),
+                None => print_retry(only, args.rejected, printer),
+            },
+            _ => printer.json_doc(&serde_json::json!({ "targets": reports })),
         }
-        printer.line(format!(
-            "Requeued {} event(s) for {}; run `kitty-sync now` to deliver them.",
-            report.requeued.len(),
-            canonical_url
-        ));
+    } else {
+        for r in &reports {
+            print_retry(r, args.rejected, printer);
+        }
     }
     Ok(ExitStatus::Success)
+}
+
+/// What `retry` did for one target (`report` is `None` when it was never drained to).
+#[derive(Serialize)]
+struct TargetRetry {
+    name: String,
+    canonical_url: String,
+    #[serde(flatten)]
+    report: Option<kitty_sync::delivery::retry::RetryReport>,
+}
+
+fn print_retry(r: &TargetRetry, rejected: bool, printer: &Printer) {
+    let canonical_url = &r.canonical_url;
+    let Some(report) = &r.report else {
+        printer.line(format!("Nothing to retry: {canonical_url} has never been drained to."));
+        return;
+    };
+    for s in &report.skipped {
+        let status = s.status.as_deref().unwrap_or("never attempted");
+        printer.note(format!(
+            "skipped {}: {status} (only parked{} events are retried)",
+            s.event_id,
+            if rejected { " or rejected" } else { "" }
+        ));
+    }
+    printer.line(format!(
+        "Requeued {} event(s) for {}; run `kitty-sync now` to deliver them.",
+        report.requeued.len(),
+        canonical_url
+    ));
 }
 
 /// `retry --not-consented [--project UUID]`: the operator's consent for events spec-kitty 3.2.7

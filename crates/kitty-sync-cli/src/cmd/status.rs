@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use kitty_sync::daemon::report::DaemonStatus;
+use kitty_sync::daemon::report::{DaemonStatus, LagTarget};
 use kitty_sync::delivery::receiver::Receiver;
 use kitty_sync::delivery::retention::parse_duration_ms;
 use kitty_sync::status::{CurrentDelivery, JournalSection, StatusReport, build};
@@ -32,15 +32,71 @@ pub fn run(args: StatusArgs, home_flag: Option<&Path>, printer: &Printer) -> Res
     if receiver.is_none() {
         ctx.warn_authority(printer);
     }
-    let mut report = build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref() });
-    let active: Vec<&dyn Receiver> = receiver.as_deref().into_iter().collect();
-    kitty_sync::daemon::report::attach(&mut report, &ctx.home, &active, max_lag_ms);
+    let mut report =
+        build(&ctx.home, &ctx.authority, &CurrentDelivery { mode, receiver: receiver.as_deref().map(|r| r as _) });
+    active_targets(&mut report, &ctx);
+    let lag_targets = lag_targets(receiver.as_deref().map(|r| r as &dyn Receiver), &ctx);
+    kitty_sync::daemon::report::attach(&mut report, &ctx.home, &lag_targets, max_lag_ms);
     if printer.json {
         printer.json_doc(&report);
     } else {
         render(&report, &ctx, printer);
     }
     Ok(if args.check && !report.ok { ExitStatus::Blocked } else { ExitStatus::Success })
+}
+
+/// Every active target for `--max-lag`: the primary (if the mode delivers) and the enabled
+/// named targets with their type filters.
+fn lag_targets(primary: Option<&dyn Receiver>, ctx: &Context) -> Vec<LagTarget> {
+    let primary =
+        primary.map(|r| LagTarget { identity: r.identity().clone(), team: r.team().map(str::to_string), types: None });
+    let named = ctx.config.named_targets.enabled().unwrap_or_default().into_iter().map(|t| LagTarget {
+        identity: kitty_sync::target_report::named_identity(t),
+        team: None,
+        types: t.types.clone(),
+    });
+    primary.into_iter().chain(named).collect()
+}
+
+/// `delivery_targets.active`: what `target list` says of the active targets. A broken
+/// `[[event_sync.targets]]` entry or an unreadable store is a problem of the report, not an
+/// error of the command (status is read-only and always answers).
+fn active_targets(report: &mut StatusReport, ctx: &Context) {
+    // Quiet: the warnings the listing would repeat (authority, token variables) were given above.
+    match super::targets::list(ctx, &Printer::new(true, true, 0)) {
+        Ok(entries) => {
+            report.delivery_targets.active = entries.into_iter().filter(|e| e.active).collect();
+            blocked_named_targets(report, ctx);
+        }
+        Err(e) => {
+            report.problems.push(kitty_sync::status::Problem {
+                message: format!("the delivery targets cannot be listed: {e}"),
+                hint: e.hint().to_string(),
+            });
+            report.ok = false;
+            report.exit_code = 3;
+        }
+    }
+}
+
+/// An active named target whose receiver refuses our credentials makes `ok` false (a reset
+/// one already does, for every known target).
+fn blocked_named_targets(report: &mut StatusReport, ctx: &Context) {
+    let Ok(named) = ctx.config.named_targets.enabled() else { return };
+    for target in named {
+        let identity = kitty_sync::target_report::named_identity(target);
+        if let Ok(true) = kitty_sync::delivery::fanout::refuses_credentials(&ctx.home, &identity) {
+            report.problems.push(kitty_sync::status::Problem {
+                message: format!("target {} refuses our credentials (HTTP 401/403)", target.name),
+                hint: format!(
+                    "set the token in the variable named by target {}'s token_env in config.toml, then run `kitty-sync now`",
+                    target.name
+                ),
+            });
+            report.ok = false;
+            report.exit_code = 3;
+        }
+    }
 }
 
 struct Style {
@@ -160,6 +216,19 @@ fn render_targets(r: &StatusReport, printer: &Printer, row: &dyn Fn(&str, String
         row(
             "previous",
             format!("{} ({}): {} delivered", t.canonical_url, t.kind.as_str_for_humans(), t.delivered_count),
+        );
+    }
+    for t in r.delivery_targets.active.iter().filter(|t| t.name.as_deref() != Some(kitty_sync::targets_config::PRIMARY))
+    {
+        row(
+            "named target",
+            format!(
+                "{} → {}: {} delivered, {} undelivered",
+                t.name.as_deref().unwrap_or("?"),
+                t.canonical_url,
+                t.delivered_count,
+                t.undelivered_count
+            ),
         );
     }
     let _ = printer;

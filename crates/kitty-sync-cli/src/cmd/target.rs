@@ -15,7 +15,7 @@ pub fn active_receiver(
     mode: EventSyncMode,
     timeout: Duration,
     printer: &Printer,
-) -> kitty_sync::Result<Option<Box<dyn Receiver>>> {
+) -> kitty_sync::Result<Option<Box<dyn Receiver + Send>>> {
     let client = HttpClient::new(timeout);
     match mode {
         EventSyncMode::Teamspace => {

@@ -367,3 +367,26 @@ fn a_mode_switch_is_picked_up_without_a_restart() {
     assert!(daemon.stderr().contains("settings changed"), "{}", daemon.stderr());
     assert_eq!(state(&home)["targets"][0]["canonical_url"], b.endpoint().trim_end_matches('/'));
 }
+
+#[test]
+fn named_targets_are_kept_delivered_beside_the_primary_with_their_type_filters() {
+    let (dir, primary, home) = home_with_receiver(&[]);
+    let audit = Receiver::start(&dir.path().join("audit.db"), &[]);
+    home.run(&["target", "add", "audit", "--endpoint", &audit.endpoint(), "--type", "Kept"]).expect(0);
+    let _daemon = Daemon::start(&home, &[]);
+    let kept = home.emit("Kept", "{}");
+    let other = home.emit("Other", "{}");
+    wait_until(Duration::from_secs(10), "both events at the primary", || {
+        let stored = primary.dump().by_id();
+        stored.contains_key(&kept) && stored.contains_key(&other)
+    });
+    wait_until(Duration::from_secs(10), "the Kept event at audit", || audit.dump().by_id().contains_key(&kept));
+    wait_until(Duration::from_secs(10), "audit idle with nothing undelivered", || {
+        let s = state(&home);
+        let audit_state = s["targets"].as_array().unwrap().iter().find(|t| t["name"] == "audit").cloned();
+        audit_state.is_some_and(|t| t["state"] == "idle" && t["undelivered_count"] == 0)
+    });
+    assert_eq!(audit.dump().envelopes.len(), 1, "an event outside the type filter went to audit");
+    let names: Vec<Value> = state(&home)["targets"].as_array().unwrap().iter().map(|t| t["name"].clone()).collect();
+    assert_eq!(names, [json!("primary"), json!("audit")]);
+}

@@ -22,6 +22,7 @@ mod disk_full;
 mod doctor_cli;
 mod emit_cli;
 mod errors_cli;
+mod fanout_cli;
 mod hardening_cli;
 mod inspect_cli;
 mod migrate_cli;

@@ -80,7 +80,8 @@ fn assert_shape(s: &Value) {
             assert_eq!(s["event_journal"]["gc_suggested"], true);
         }
     }
-    assert_eq!(keys(&s["delivery_targets"]), sorted(&["current", "previous"]));
+    // `active` is contract §9 (the `target list` entries of the active targets).
+    assert_eq!(keys(&s["delivery_targets"]), sorted(&["active", "current", "previous"]));
     if !s["delivery_targets"]["current"].is_null() {
         let current = keys(&s["delivery_targets"]["current"]);
         assert_eq!(

@@ -7,7 +7,7 @@ use crate::delivery::target::{self, TargetIdentity};
 use crate::error::{Result, StoreContext};
 use crate::status::undelivered;
 use crate::store::Store;
-use crate::store::selection::{DueQuery, select_due};
+use crate::store::selection::{DueQuery, count_due, select_due};
 use crate::store::stats::journal_counters;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -17,17 +17,28 @@ pub struct Backlog {
     pub oldest_undelivered_ms: Option<i64>,
 }
 
-pub fn backlog(store: &Store, identity: &TargetIdentity, team: Option<&str>) -> Result<Backlog> {
+/// `types`: the target's type filter (contract §9): events of other types are never
+/// undelivered for it.
+pub fn backlog(
+    store: &Store,
+    identity: &TargetIdentity,
+    team: Option<&str>,
+    types: Option<&[String]>,
+) -> Result<Backlog> {
     let record = target::find(store.conn(), identity)?;
-    let counters = journal_counters(store.conn())?;
-    let undelivered_count = undelivered(store, record.as_ref(), team, &counters)?;
+    let types = types.map(target::encode_types).transpose()?;
+    // A target never drained has no ledger rows: every retained event of its team is due.
+    let (id, epoch, from_seq) = record.as_ref().map_or((-1, 0, 0), |r| (r.id, r.epoch, r.due_from_seq));
+    let due = DueQuery { target: id, epoch, team, types: types.as_deref(), from_seq, limit: 1 };
+    let undelivered_count = match types {
+        // Due for the filtered target, plus what is parked or held for it.
+        Some(_) => count_due(store.conn(), due)? as i64 + stuck_count(store, record.as_ref())?,
+        None => undelivered(store, record.as_ref(), team, &journal_counters(store.conn())?)?,
+    };
     if undelivered_count == 0 {
         return Ok(Backlog::default());
     }
-    // A target never drained has no ledger rows: every retained event of its team is due.
-    let (id, epoch, from_seq) = record.as_ref().map_or((-1, 0, 0), |r| (r.id, r.epoch, r.due_from_seq));
-    let first_due =
-        select_due(store.conn(), DueQuery { target: id, epoch, team, from_seq, limit: 1 })?.first().map(|e| e.seq);
+    let first_due = select_due(store.conn(), due)?.first().map(|e| e.seq);
     let first_stuck = match &record {
         Some(r) => first_stuck(store, r.id, r.epoch)?,
         None => None,
@@ -54,6 +65,22 @@ fn first_stuck(store: &Store, target: i64, epoch: i64) -> Result<Option<i64>> {
                AND (l.status = 'terminal_failed' OR l.reject_count >= 3)
                AND e.state = 0 AND e.coalesced_into IS NULL",
             params![target, epoch],
+            |r| r.get(0),
+        )
+        .ctx("cannot read the ledger")
+}
+
+/// Events parked or held after rejections for the target (undelivered until an operator retries).
+fn stuck_count(store: &Store, record: Option<&target::TargetRecord>) -> Result<i64> {
+    let Some(record) = record else { return Ok(0) };
+    store
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM ledger l JOIN events e ON e.seq = l.seq
+             WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('terminal_failed', 'rejected')
+               AND (l.status = 'terminal_failed' OR l.reject_count >= 3)
+               AND e.state = 0 AND e.coalesced_into IS NULL",
+            params![record.id, record.epoch],
             |r| r.get(0),
         )
         .ctx("cannot read the ledger")

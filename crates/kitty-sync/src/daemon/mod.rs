@@ -59,6 +59,8 @@ pub struct DaemonOptions {
 pub struct DaemonTarget {
     pub name: String,
     pub receiver: Box<dyn Receiver>,
+    /// The target's type filter (contract §9); `None`: every type.
+    pub types: Option<Vec<String>>,
 }
 
 /// What the daemon tells its operator, one line each.
@@ -161,6 +163,7 @@ impl Shared {
 struct Slot {
     name: String,
     receiver: Box<dyn Receiver>,
+    types: Option<Vec<String>>,
     /// New captures (or unfinished work) that this target has not been offered yet.
     dirty: bool,
     failures: u32,
@@ -175,6 +178,7 @@ impl Slot {
         Slot {
             name: target.name,
             receiver: target.receiver,
+            types: target.types,
             dirty: true,
             failures: 0,
             next_attempt: None,
@@ -377,9 +381,10 @@ impl Daemon {
 
     fn deliver(&mut self, lock: &DrainLock, index: usize, notice: &mut dyn FnMut(Notice<'_>)) -> Result<()> {
         self.shared.update_target(index, |t| t.state = Phase::Delivering);
-        let options = DrainOptions { limit: Some(ROUND_LIMIT), retries: 0, ..DrainOptions::default() };
         let shared = Arc::clone(&self.shared);
         let slot = &mut self.slots[index];
+        let options =
+            DrainOptions { limit: Some(ROUND_LIMIT), retries: 0, types: slot.types.clone(), ..DrainOptions::default() };
         let mut guarded = Guarded { inner: slot.receiver.as_mut(), shared: &shared };
         let result = drain(&mut self.store, lock, &mut guarded, &options, false, &mut |_, _| shared.touch());
         let unsaved = slot.receiver.finish();
@@ -458,7 +463,7 @@ impl Daemon {
 
     fn refresh_backlog(&mut self, index: usize) -> Result<()> {
         let slot = &mut self.slots[index];
-        let b = backlog::backlog(&self.store, slot.receiver.identity(), slot.receiver.team())?;
+        let b = backlog::backlog(&self.store, slot.receiver.identity(), slot.receiver.team(), slot.types.as_deref())?;
         slot.backlog_at = Some(Instant::now());
         self.shared.update_target(index, |t| {
             t.undelivered_count = b.undelivered_count;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::backlog::backlog;
 use super::state::{self, DaemonState, Phase, TargetState};
 use crate::clock::{now_ms, rfc3339_ms};
-use crate::delivery::receiver::Receiver;
+use crate::delivery::target::TargetIdentity;
 use crate::error::Result;
 use crate::home::Home;
 use crate::status::{Problem, StatusReport};
@@ -21,7 +21,7 @@ pub struct DaemonStatus {
 }
 
 /// Adds the `daemon` section and its problems to a status report. Read-only.
-pub fn attach(report: &mut StatusReport, home: &Home, active: &[&dyn Receiver], max_lag_ms: Option<i64>) {
+pub fn attach(report: &mut StatusReport, home: &Home, active: &[LagTarget], max_lag_ms: Option<i64>) {
     let mut problems = Vec::new();
     match state::read(home) {
         Ok(Some(state)) => {
@@ -84,18 +84,25 @@ fn failing(target: &TargetState) -> Option<Problem> {
     })
 }
 
+/// An active target as `--max-lag` judges it: its identity, Teamspace team and type filter.
+pub struct LagTarget {
+    pub identity: TargetIdentity,
+    pub team: Option<String>,
+    pub types: Option<Vec<String>>,
+}
+
 /// Active targets whose oldest undelivered event was captured longer ago than `max_lag_ms`.
-fn lagging(home: &Home, active: &[&dyn Receiver], max_lag_ms: i64) -> Result<Vec<Problem>> {
+fn lagging(home: &Home, active: &[LagTarget], max_lag_ms: i64) -> Result<Vec<Problem>> {
     let Some(store) = Store::open_read_only(home)? else { return Ok(Vec::new()) };
     let now = now_ms();
     let mut problems = Vec::new();
-    for receiver in active {
-        let b = backlog(&store, receiver.identity(), receiver.team())?;
+    for target in active {
+        let b = backlog(&store, &target.identity, target.team.as_deref(), target.types.as_deref())?;
         let Some(oldest) = b.oldest_undelivered_ms.filter(|oldest| now - oldest > max_lag_ms) else { continue };
         problems.push(Problem {
             message: format!(
                 "{} is behind: {} undelivered, the oldest captured at {} ({} s ago, more than --max-lag allows)",
-                receiver.identity().canonical_url,
+                target.identity.canonical_url,
                 b.undelivered_count,
                 rfc3339_ms(oldest),
                 (now - oldest) / 1000

@@ -38,6 +38,8 @@ pub struct DrainOptions {
     /// Start a new epoch for the target first: every retained event is delivered again
     /// (after the server behind the URL was reset).
     pub redrain: bool,
+    /// Only events of these types go to the target (contract §9); `None`: every type.
+    pub types: Option<Vec<String>>,
 }
 
 impl Default for DrainOptions {
@@ -49,6 +51,7 @@ impl Default for DrainOptions {
             retries: 3,
             backoff_base: Duration::from_millis(500),
             redrain: false,
+            types: None,
         }
     }
 }
@@ -116,8 +119,13 @@ pub struct DrainSummary {
 
 impl DrainSummary {
     fn empty(record: &TargetRecord) -> DrainSummary {
+        DrainSummary::nothing(TargetSummary::of(record))
+    }
+
+    /// Zero counts for `target` (also for a target whose drain could not start).
+    pub fn nothing(target: TargetSummary) -> DrainSummary {
         DrainSummary {
-            target: TargetSummary::of(record),
+            target,
             selected: 0,
             delivered: 0,
             duplicate: 0,
@@ -178,7 +186,9 @@ pub fn drain_paced(
     receiver.prepare()?;
     with_relaxed_sync(store, |store| {
         let (record, not_redeliverable) = prepare_target(store, receiver, options, pacer.now_ms())?;
-        let total = if count_total { Some(count_due(store, &record, receiver.team())?) } else { None };
+        let types = options.types.as_deref().map(target::encode_types).transpose()?;
+        let total =
+            if count_total { Some(count_due(store, &record, receiver.team(), types.as_deref())?) } else { None };
         progress(0, total);
         let team = receiver.team().map(str::to_string);
         let mut run = Run {
@@ -195,7 +205,7 @@ pub fn drain_paced(
             done: 0,
         };
         let started = Instant::now();
-        run.walk(team.as_deref())?;
+        run.walk(team.as_deref(), types.as_deref())?;
         run.target.summary.elapsed_ms = started.elapsed().as_millis() as u64;
         run.target.save_frontier(run.store)?;
         Ok(run.target.summary)
@@ -226,6 +236,7 @@ fn prepare_target(
     now: i64,
 ) -> Result<(TargetRecord, Option<i64>)> {
     let record = target::register(store.conn(), receiver.identity(), now)?;
+    let record = target::set_types(store.conn(), record, options.types.as_deref())?;
     let health = receiver.health();
     if options.redrain {
         let purged = reset::start_new_epoch(store.conn(), &record, health.as_ref())?;
@@ -265,10 +276,10 @@ fn check_gates(receiver: &dyn Receiver) -> Result<()> {
 }
 
 /// How many events are due (for a progress total only).
-fn count_due(store: &Store, record: &TargetRecord, team: Option<&str>) -> Result<u64> {
+fn count_due(store: &Store, record: &TargetRecord, team: Option<&str>, types: Option<&str>) -> Result<u64> {
     crate::store::selection::count_due(
         store.conn(),
-        DueQuery { target: record.id, epoch: record.epoch, team, from_seq: record.due_from_seq, limit: 0 },
+        DueQuery { target: record.id, epoch: record.epoch, team, types, from_seq: record.due_from_seq, limit: 0 },
     )
 }
 
@@ -434,22 +445,22 @@ impl Run<'_, '_> {
     /// Pages through the due events in capture order. While one batch is in flight (and
     /// recorded), the next is selected and compressed on a second, read-only connection:
     /// its selection starts past the current batch, so it does not depend on the answer.
-    fn walk(&mut self, team: Option<&str>) -> Result<()> {
+    fn walk(&mut self, team: Option<&str>, types: Option<&str>) -> Result<()> {
         let mut reader = Some(self.store.reader()?);
         let mut cursor = self.target.record.due_from_seq;
-        let first = self.due_query(team, cursor, self.remaining_budget());
+        let first = self.due_query(team, types, cursor, self.remaining_budget());
         let mut next = match (&reader, first) {
             (Some(conn), Some(query)) => prefetch(conn, query, self.options.batch_bytes)?,
             _ => None,
         };
         loop {
             let Some(Prepared { events, body }) = next.take() else {
-                return self.settle_tail(team, cursor);
+                return self.settle_tail(team, types, cursor);
             };
             let last_seq = events.last().map(|e| e.seq).unwrap_or(cursor);
             cursor = last_seq + 1;
             self.target.summary.selected += events.len() as u64;
-            let following = self.due_query(team, cursor, self.remaining_budget());
+            let following = self.due_query(team, types, cursor, self.remaining_budget());
             let batch_bytes = self.options.batch_bytes;
             let conn = reader.take();
             let (stop, fetched, conn) = std::thread::scope(|scope| {
@@ -483,11 +494,18 @@ impl Run<'_, '_> {
         }
     }
 
-    fn due_query<'t>(&self, team: Option<&'t str>, from_seq: i64, budget: u64) -> Option<DueQuery<'t>> {
+    fn due_query<'t>(
+        &self,
+        team: Option<&'t str>,
+        types: Option<&'t str>,
+        from_seq: i64,
+        budget: u64,
+    ) -> Option<DueQuery<'t>> {
         (budget > 0).then(|| DueQuery {
             target: self.target.key.target,
             epoch: self.target.key.epoch,
             team,
+            types,
             from_seq,
             limit: budget.min(self.options.batch_events as u64) as i64,
         })
@@ -495,12 +513,12 @@ impl Run<'_, '_> {
 
     /// The walk found nothing more due from `cursor`. If everything before was settled too,
     /// the high-water mark may move past the journal's end.
-    fn settle_tail(&mut self, team: Option<&str>, cursor: i64) -> Result<()> {
+    fn settle_tail(&mut self, team: Option<&str>, types: Option<&str>, cursor: i64) -> Result<()> {
         if !self.target.frontier.contiguous || self.target.summary.stop.is_some() {
             return Ok(());
         }
         let key = self.target.key;
-        let query = DueQuery { target: key.target, epoch: key.epoch, team, from_seq: cursor, limit: 1 };
+        let query = DueQuery { target: key.target, epoch: key.epoch, team, types, from_seq: cursor, limit: 1 };
         if let Some(end) = crate::store::selection::end_if_nothing_due(self.store.conn_mut(), query)? {
             self.target.frontier.reached_end(end);
         }

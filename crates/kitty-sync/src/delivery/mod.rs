@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod batch;
 pub mod dispatcher;
+pub mod fanout;
 pub mod ledger;
 pub mod lock;
 pub mod receiver;

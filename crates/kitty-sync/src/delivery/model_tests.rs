@@ -208,8 +208,14 @@ fn check_invariants(s: &Setup, receiver: &ScriptedReceiver, summary: &DrainSumma
     if let Some(first_open) = open.iter().min() {
         assert!(record.due_from_seq <= *first_open, "frontier {} passed unsettled {first_open}", record.due_from_seq);
     }
-    let query =
-        DueQuery { target: record.id, epoch: record.epoch, team: None, from_seq: record.due_from_seq, limit: 1_000 };
+    let query = DueQuery {
+        target: record.id,
+        epoch: record.epoch,
+        team: None,
+        types: None,
+        from_seq: record.due_from_seq,
+        limit: 1_000,
+    };
     let next: HashSet<i64> = select_due(s.store.conn(), query).unwrap().into_iter().map(|e| e.seq).collect();
     assert_eq!(open, next, "every event is settled for the target or selected by the next drain");
     assert!(pacer.sleeps.iter().all(|d| *d <= RETRY_AFTER_CAP), "{:?}", pacer.sleeps);

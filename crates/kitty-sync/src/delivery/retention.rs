@@ -41,23 +41,90 @@ pub struct GcReport {
     pub note: Option<String>,
 }
 
-/// The targets an event must have reached before archive or gc may touch it: every
-/// registered target, plus the configured current target (`current`) when no drain has
-/// registered it yet. Returns (how many, the note to give when the unregistered current target
-/// makes nothing eligible).
-fn known_targets(store: &Store, current: Option<&TargetIdentity>) -> Result<(i64, Option<String>)> {
-    let registered: i64 =
-        store.conn().query_row("SELECT count(*) FROM targets", [], |r| r.get(0)).ctx("cannot read targets")?;
-    match current {
-        Some(identity) if target::find(store.conn(), identity)?.is_none() => Ok((
-            registered + 1,
-            Some(format!(
-                "the current target {} has not received any event yet; run `kitty-sync now` first",
-                identity.canonical_url
-            )),
-        )),
-        _ => Ok((registered, None)),
+/// A named target active now (contract §9), with its type filter (`None`: every type).
+#[derive(Debug, Clone)]
+pub struct ActiveNamed {
+    pub identity: TargetIdentity,
+    pub types: Option<Vec<String>>,
+}
+
+/// How many targets must have an event before archive or gc may touch it: `untyped` targets
+/// take every event; a typed target needs only the events of its types, so each typed target
+/// listing an event's type adds one for that event (`typed`: their type lists concatenated, a
+/// JSON array, `None` when no target is typed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub untyped: i64,
+    pub typed: Option<String>,
+}
+
+impl Needed {
+    fn is_nobody(&self) -> bool {
+        self.untyped == 0 && self.typed.is_none()
     }
+
+    /// "delivered to every target that wants it", for the row aliased `alias` (with the dot,
+    /// or empty); `count` is the placeholder bound to `untyped`. The type list is inlined as a
+    /// quoted literal (it comes from config, quotes doubled), so every statement keeps its
+    /// parameters.
+    fn delivered_sql(&self, alias: &str, count: &str) -> String {
+        match &self.typed {
+            None => format!("{alias}delivered_targets >= {count}"),
+            Some(json) => format!(
+                "{alias}delivered_targets >= {count} + (SELECT count(*) FROM json_each('{}') WHERE value = {alias}event_type)",
+                json.replace('\'', "''")
+            ),
+        }
+    }
+}
+
+/// The targets an event must have reached before archive or gc may touch it (contract §9):
+/// every registered target (narrowed by the type filter it was last delivered with), the
+/// configured current target (`current`) and the active named targets, also before their first
+/// drain registers them. Returns them, and the note to give when an unregistered current
+/// target makes nothing eligible.
+fn known_targets(
+    store: &Store,
+    current: Option<&TargetIdentity>,
+    named: &[ActiveNamed],
+) -> Result<(Needed, Option<String>)> {
+    let registered = target::list(store.conn())?;
+    let stored = target::stored_types(store.conn())?;
+    let mut filters: Vec<Option<Vec<String>>> = Vec::new();
+    for record in &registered {
+        // Active now: the configured filter rules; otherwise the one it was last delivered with.
+        let types = match named.iter().find(|n| n.identity == record.identity) {
+            Some(active) => active.types.clone(),
+            None => stored.iter().find(|(id, _)| *id == record.id).and_then(|(_, t)| t.clone()),
+        };
+        filters.push(types);
+    }
+    for active in named {
+        if !registered.iter().any(|r| r.identity == active.identity) {
+            filters.push(active.types.clone());
+        }
+    }
+    let mut note = None;
+    if let Some(identity) = current
+        && target::find(store.conn(), identity)?.is_none()
+    {
+        filters.push(None);
+        note = Some(format!(
+            "the current target {} has not received any event yet; run `kitty-sync now` first",
+            identity.canonical_url
+        ));
+    }
+    let untyped = filters.iter().filter(|f| f.is_none()).count() as i64;
+    let typed: Vec<&String> = filters.iter().flatten().flatten().collect();
+    let typed = if filters.iter().all(Option::is_none) {
+        None
+    } else {
+        Some(
+            serde_json::to_string(&typed)
+                .map_err(|e| Error::internal(format!("cannot encode types: {e}"), "report this as a bug"))?,
+        )
+    };
+    Ok((Needed { untyped, typed }, note))
 }
 
 /// Checks the lock proof of a real run; returns whether this is a dry run.
@@ -72,8 +139,13 @@ const NO_TARGET_NOTE: &str =
     "no delivery target is known yet, so no event is delivered everywhere; run `kitty-sync now` first";
 
 /// Events delivered to every known target (current epochs), retained, captured before `cutoff`.
-const ARCHIVABLE: &str = "SELECT e.seq, p.envelope FROM events e JOIN payloads p ON p.seq = e.seq
-    WHERE e.state = 0 AND e.delivered_targets >= ?1 AND e.captured_at < ?2 AND e.seq <= ?3 ORDER BY e.seq";
+fn archivable_sql(needed: &Needed) -> String {
+    format!(
+        "SELECT e.seq, p.envelope FROM events e JOIN payloads p ON p.seq = e.seq
+    WHERE e.state = 0 AND {} AND e.captured_at < ?2 AND e.seq <= ?3 ORDER BY e.seq",
+        needed.delivered_sql("e.", "?1")
+    )
+}
 
 /// Archives retained events that every known target has (`current`: the configured target,
 /// which counts as known even before its first drain). The file is complete and fsynced
@@ -84,12 +156,14 @@ pub fn archive(
     out: Option<&Path>,
     captured_before_ms: Option<i64>,
     current: Option<&TargetIdentity>,
+    named: &[ActiveNamed],
     change: Change<'_>,
 ) -> Result<ArchiveReport> {
     let dry_run = applying(store, change)?;
-    let (targets, unregistered_note) = known_targets(store, current)?;
+    let (needed, unregistered_note) = known_targets(store, current, named)?;
+    let targets = needed.untyped;
     let mut report = ArchiveReport { dry_run, archived: 0, out: None, bytes: 0, note: None };
-    if targets == 0 {
+    if needed.is_nobody() {
         report.note = Some(NO_TARGET_NOTE.into());
         return Ok(report);
     }
@@ -105,8 +179,11 @@ pub fn archive(
     let (n, bytes): (i64, i64) = store
         .conn()
         .query_row(
-            "SELECT count(*), coalesce(sum(payload_bytes + 1), 0) FROM events
-             WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2 AND seq <= ?3",
+            &format!(
+                "SELECT count(*), coalesce(sum(payload_bytes + 1), 0) FROM events
+             WHERE state = 0 AND {} AND captured_at < ?2 AND seq <= ?3",
+                needed.delivered_sql("", "?1")
+            ),
             params![targets, cutoff, max_seq],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -134,7 +211,7 @@ pub fn archive(
             "choose another --out path (or move the existing file aside)",
         ));
     }
-    let (written, last_seq) = write_archive(store, &path, targets, cutoff, max_seq)?;
+    let (written, last_seq) = write_archive(store, &path, &needed, cutoff, max_seq)?;
     if written == 0 {
         // Only our own new file can be here (an existing one was refused above).
         let _ = std::fs::remove_file(&path);
@@ -145,8 +222,11 @@ pub fn archive(
     let marked = store
         .conn()
         .execute(
-            "UPDATE events SET state = 1, archived_at = ?4
-             WHERE state = 0 AND delivered_targets >= ?1 AND captured_at < ?2 AND seq <= ?3",
+            &format!(
+                "UPDATE events SET state = 1, archived_at = ?4
+             WHERE state = 0 AND {} AND captured_at < ?2 AND seq <= ?3",
+                needed.delivered_sql("", "?1")
+            ),
             params![targets, cutoff, last_seq, now],
         )
         .ctx("cannot mark events archived")?;
@@ -165,12 +245,12 @@ fn default_archive_path(home: &Home) -> Result<PathBuf> {
 
 /// Streams the archivable envelopes to `path`, through the one atomic-write path (a temp
 /// file, owner-only, fsynced, renamed; symlinks written through, non-regular files refused).
-fn write_archive(store: &Store, path: &Path, targets: i64, cutoff: i64, max_seq: i64) -> Result<(u64, i64)> {
+fn write_archive(store: &Store, path: &Path, needed: &Needed, cutoff: i64, max_seq: i64) -> Result<(u64, i64)> {
     let io = |e: std::io::Error| Error::io("cannot write the archive", path, e);
     write_atomically_with(path, None, |file| {
         let mut gz = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
-        let mut stmt = store.conn().prepare(ARCHIVABLE).ctx("cannot read the journal")?;
-        let mut rows = stmt.query(params![targets, cutoff, max_seq]).ctx("cannot read the journal")?;
+        let mut stmt = store.conn().prepare(&archivable_sql(needed)).ctx("cannot read the journal")?;
+        let mut rows = stmt.query(params![needed.untyped, cutoff, max_seq]).ctx("cannot read the journal")?;
         let (mut written, mut last_seq) = (0u64, 0i64);
         while let Some(row) = rows.next().ctx("cannot read the journal")? {
             let envelope: Vec<u8> = row.get(1).ctx("cannot read the journal")?;
@@ -199,12 +279,14 @@ const GC_CACHE_KIB: i64 = 65_536;
 pub fn gc(
     store: &mut Store,
     current: Option<&TargetIdentity>,
+    named: &[ActiveNamed],
     change: Change<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<GcReport> {
     let dry_run = applying(store, change)?;
     let before = store.file_bytes();
-    let (targets, unregistered_note) = known_targets(store, current)?;
+    let (needed, unregistered_note) = known_targets(store, current, named)?;
+    let targets = needed.untyped;
     let mut report = GcReport {
         dry_run,
         purged: 0,
@@ -214,7 +296,7 @@ pub fn gc(
         store_bytes_after: before,
         note: None,
     };
-    if targets == 0 {
+    if needed.is_nobody() {
         report.kept = retained(store)?;
         report.note = Some(NO_TARGET_NOTE.into());
         return Ok(report);
@@ -222,8 +304,11 @@ pub fn gc(
     let (total, total_bytes): (i64, i64) = store
         .conn()
         .query_row(
-            "SELECT count(*), coalesce(sum(payload_bytes), 0) FROM events
-             WHERE state = 1 OR (state = 0 AND delivered_targets >= ?1)",
+            &format!(
+                "SELECT count(*), coalesce(sum(payload_bytes), 0) FROM events
+             WHERE state = 1 OR (state = 0 AND {})",
+                needed.delivered_sql("", "?1")
+            ),
             [targets],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -241,9 +326,11 @@ pub fn gc(
         // Archived events are not counted as retained: only retained ones leave `kept`.
         let retained_eligible: i64 = store
             .conn()
-            .query_row("SELECT count(*) FROM events WHERE state = 0 AND delivered_targets >= ?1", [targets], |r| {
-                r.get(0)
-            })
+            .query_row(
+                &format!("SELECT count(*) FROM events WHERE state = 0 AND {}", needed.delivered_sql("", "?1")),
+                [targets],
+                |r| r.get(0),
+            )
             .ctx("cannot read the journal")?;
         report.kept = retained(store)?.saturating_sub(retained_eligible.max(0) as u64);
         return Ok(report);
@@ -251,7 +338,7 @@ pub fn gc(
     store.conn().pragma_update(None, "cache_size", -GC_CACHE_KIB).ctx("cannot configure gc")?;
     let mut from = 0i64;
     loop {
-        let (n, bytes, next) = purge_chunk(store, targets, from)?;
+        let (n, bytes, next) = purge_chunk(store, &needed, from)?;
         report.purged += n;
         report.purged_bytes += bytes;
         progress(report.purged, total as u64);
@@ -269,7 +356,7 @@ pub fn gc(
 }
 
 /// Purges one chunk of eligible events with seq ≥ `from`; returns (count, bytes, next seq).
-fn purge_chunk(store: &mut Store, targets: i64, from: i64) -> Result<(u64, u64, Option<i64>)> {
+fn purge_chunk(store: &mut Store, needed: &Needed, from: i64) -> Result<(u64, u64, Option<i64>)> {
     let now = crate::clock::now_ms();
     let tx = store.conn_mut().transaction_with_behavior(TransactionBehavior::Immediate).ctx("cannot start gc")?;
     let upper: Option<i64> = tx
@@ -280,7 +367,7 @@ fn purge_chunk(store: &mut Store, targets: i64, from: i64) -> Result<(u64, u64, 
         )
         .ctx("cannot read the journal")?;
     let Some(upper) = upper else { return Ok((0, 0, None)) };
-    let (n, bytes) = purge_range(&tx, from, upper, targets, now)?;
+    let (n, bytes) = purge_range(&tx, from, upper, needed, now)?;
     tx.commit().ctx("cannot commit gc")?;
     Ok((n, bytes, Some(upper + 1)))
 }
@@ -290,10 +377,12 @@ fn purge_chunk(store: &mut Store, targets: i64, from: i64) -> Result<(u64, u64, 
 /// adjusted once for the whole range: the `events_state_changed` trigger skips a purge (state 2
 /// set together with `purged_at`), because running it per row made gc several seconds slower
 /// at a million events. Call inside a transaction. Returns (count, payload bytes).
-pub(crate) fn purge_range(conn: &Connection, from: i64, upper: i64, targets: i64, now: i64) -> Result<(u64, u64)> {
+pub(crate) fn purge_range(conn: &Connection, from: i64, upper: i64, needed: &Needed, now: i64) -> Result<(u64, u64)> {
     // Unary `+`: walk the seq range; with an index on `state` the planner would scan every
     // retained event once per chunk.
-    const ELIGIBLE: &str = "seq BETWEEN ?1 AND ?2 AND (+state = 1 OR (+state = 0 AND delivered_targets >= ?3))";
+    let eligible =
+        format!("seq BETWEEN ?1 AND ?2 AND (+state = 1 OR (+state = 0 AND {}))", needed.delivered_sql("", "?3"));
+    let targets = needed.untyped;
     // The trigger skips exactly the rows whose purged_at goes from NULL to set: count those.
     let (retained, retained_bytes, archived, total, bytes): (i64, i64, i64, i64, i64) = conn
         .query_row(
@@ -302,7 +391,7 @@ pub(crate) fn purge_range(conn: &Connection, from: i64, upper: i64, targets: i64
                         coalesce(sum(payload_bytes) FILTER (WHERE state = 0 AND purged_at IS NULL), 0),
                         count(*) FILTER (WHERE state = 1 AND purged_at IS NULL),
                         count(*), coalesce(sum(payload_bytes), 0)
-                 FROM events WHERE {ELIGIBLE}"
+                 FROM events WHERE {eligible}"
             ),
             params![from, upper, targets],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
@@ -312,13 +401,13 @@ pub(crate) fn purge_range(conn: &Connection, from: i64, upper: i64, targets: i64
         return Ok((0, 0));
     }
     conn.execute(
-        &format!("DELETE FROM payloads WHERE seq IN (SELECT seq FROM events WHERE {ELIGIBLE})"),
+        &format!("DELETE FROM payloads WHERE seq IN (SELECT seq FROM events WHERE {eligible})"),
         params![from, upper, targets],
     )
     .ctx("cannot purge payloads")?;
     let n = conn
         .execute(
-            &format!("UPDATE events SET state = 2, purged_at = ?4 WHERE {ELIGIBLE}"),
+            &format!("UPDATE events SET state = 2, purged_at = ?4 WHERE {eligible}"),
             params![from, upper, targets, now],
         )
         .ctx("cannot mark events purged")?;

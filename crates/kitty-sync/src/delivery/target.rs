@@ -201,6 +201,41 @@ pub fn set_due_from(conn: &Connection, target: i64, from: i64, seq: i64) -> Resu
         .ctx("cannot update the target's delivery position")
 }
 
+/// Records the type filter the target is delivered with now (`None`: every type). When it
+/// differs from the last one, the high-water mark goes back to the start: events of a newly
+/// included type below it were skipped, never sent.
+pub fn set_types(conn: &Connection, record: TargetRecord, types: Option<&[String]>) -> Result<TargetRecord> {
+    let encoded = types.map(encode_types).transpose()?;
+    let changed = conn
+        .execute(
+            "UPDATE targets SET types = ?2, due_from_seq = 0 WHERE id = ?1 AND types IS NOT ?2",
+            params![record.id, encoded],
+        )
+        .ctx("cannot record the target's type filter")?;
+    Ok(if changed > 0 { TargetRecord { due_from_seq: 0, ..record } } else { record })
+}
+
+/// A type filter as stored and bound: a JSON array, sorted and without repeats, so the same
+/// filter written in another order is the same filter.
+pub fn encode_types(types: &[String]) -> Result<String> {
+    let mut sorted: Vec<&str> = types.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    serde_json::to_string(&sorted)
+        .map_err(|e| crate::Error::internal(format!("cannot encode a type filter: {e}"), "report this as a bug"))
+}
+
+/// Every registered target's stored type filter, by row id (`None`: every type).
+pub fn stored_types(conn: &Connection) -> Result<Vec<(i64, Option<Vec<String>>)>> {
+    let mut stmt = conn.prepare("SELECT id, types FROM targets ORDER BY id").ctx("cannot read targets")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)))
+        .ctx("cannot read targets")?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .ctx("cannot read targets")?;
+    Ok(rows.into_iter().map(|(id, types)| (id, types.and_then(|t| serde_json::from_str(&t).ok()))).collect())
+}
+
 pub fn lower_due_from(conn: &Connection, target: i64, seq: i64) -> Result<()> {
     conn.execute("UPDATE targets SET due_from_seq = min(due_from_seq, ?2) WHERE id = ?1", params![target, seq])
         .map(|_| ())

@@ -2,7 +2,7 @@
 //! Never edit a released step: add a new one.
 
 /// Step N (1-based) brings the store from version N-1 to N.
-pub const MIGRATIONS: &[&str] = &[V1, V2_PYTHON_STORES];
+pub const MIGRATIONS: &[&str] = &[V1, V2_PYTHON_STORES, V3_TARGET_TYPES];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -238,4 +238,12 @@ CREATE TABLE consent_releases (
     seq         INTEGER PRIMARY KEY,
     released_at INTEGER NOT NULL
 );
+"#;
+
+/// Version 3: a named target's type filter (contract §9) as last delivered with, a JSON
+/// array or NULL for every type. `gc`/`archive` narrow "every known target" by it, also for
+/// targets no longer configured; a changed filter moves the target's high-water mark back
+/// to the start, since events of newly included types below it were never sent.
+const V3_TARGET_TYPES: &str = r#"
+ALTER TABLE targets ADD COLUMN types TEXT;
 "#;

@@ -4,7 +4,7 @@
 //! one primary-key probe into `ledger` per candidate; it never sorts and never materialises
 //! the journal, so a page costs the same at a million events as at ten.
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use crate::delivery::wire::Outcome;
 use crate::error::{Result, StoreContext};
@@ -43,7 +43,7 @@ pub fn is_settled(outcome: Outcome, reject_count: i64) -> bool {
 /// and no settled ledger row of the current epoch. `?1` is the keyset position, `?2`/`?3`
 /// the target and epoch.
 macro_rules! due_where {
-    ($team:literal) => {
+    ($($team:tt)*) => {
         concat!(
             "WHERE e.seq >= ?1
   AND +e.state = 0  -- unary + keeps the planner on the seq range, not the state index
@@ -51,7 +51,7 @@ macro_rules! due_where {
   -- Python captured it before its project opted in (contract §12): no target until the
   -- operator runs `retry --not-consented`; the only stored reason that blocks selection.
   AND e.drain_blocked_reason IS NOT 'not_consented'",
-            $team,
+            $($team)*,
             "
   AND NOT EXISTS (
       SELECT 1 FROM ledger AS l
@@ -62,39 +62,77 @@ macro_rules! due_where {
     };
 }
 
-/// Team isolation as its own statement rather than `?4 IS NULL OR ...`: a parameter that
-/// decides a term makes SQLite re-plan on every bind, and the plan proven by the tests must
-/// be the one that runs.
-pub const SELECT_DUE_SQL: &str = concat!(
-    "SELECT e.seq, e.event_id, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
-    due_where!(""),
-    "\nORDER BY e.seq LIMIT ?4"
-);
-pub const SELECT_DUE_TEAM_SQL: &str = concat!(
-    "SELECT e.seq, e.event_id, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
-    due_where!("\n  AND (e.capture_team IS NULL OR e.capture_team = ?5)"),
-    "\nORDER BY e.seq LIMIT ?4"
-);
-pub const COUNT_DUE_SQL: &str = concat!("SELECT count(*) FROM events AS e\n", due_where!(""));
-pub const COUNT_DUE_TEAM_SQL: &str = concat!(
-    "SELECT count(*) FROM events AS e\n",
-    due_where!("\n  AND (e.capture_team IS NULL OR e.capture_team = ?5)")
-);
+/// Team isolation and type filters as their own statements rather than `?4 IS NULL OR ...`:
+/// a parameter that decides a term makes SQLite re-plan on every bind, and the plan proven by
+/// the tests must be the one that runs. `?5` is the team, `?6` the type filter (a JSON array).
+macro_rules! select_due {
+    ($($extra:tt)*) => {
+        concat!(
+            "SELECT e.seq, e.event_id, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
+            due_where!($($extra)*),
+            "\nORDER BY e.seq LIMIT ?4"
+        )
+    };
+}
+macro_rules! count_due {
+    ($($extra:tt)*) => {
+        concat!("SELECT count(*) FROM events AS e\n", due_where!($($extra)*))
+    };
+}
+macro_rules! team_term {
+    () => {
+        "\n  AND (e.capture_team IS NULL OR e.capture_team = ?5)"
+    };
+}
+macro_rules! types_term {
+    () => {
+        "\n  AND +e.event_type IN (SELECT value FROM json_each(?6))"
+    };
+}
+pub const SELECT_DUE_SQL: &str = select_due!("");
+pub const SELECT_DUE_TEAM_SQL: &str = select_due!(team_term!());
+pub const SELECT_DUE_TYPES_SQL: &str = select_due!(types_term!());
+pub const SELECT_DUE_TEAM_TYPES_SQL: &str = select_due!(concat!(team_term!(), types_term!()));
+pub const COUNT_DUE_SQL: &str = count_due!("");
+pub const COUNT_DUE_TEAM_SQL: &str = count_due!(team_term!());
+pub const COUNT_DUE_TYPES_SQL: &str = count_due!(types_term!());
+pub const COUNT_DUE_TEAM_TYPES_SQL: &str = count_due!(concat!(team_term!(), types_term!()));
+
+/// The statement for a query's team and type filter, from one of the four `(plain, team,
+/// types, both)` variants, and its named parameters.
+fn statement(
+    query: &DueQuery<'_>,
+    variants: [&'static str; 4],
+) -> (&'static str, Vec<(&'static str, rusqlite::types::Value)>) {
+    let mut values: Vec<(&'static str, rusqlite::types::Value)> =
+        vec![("?1", query.from_seq.into()), ("?2", query.target.into()), ("?3", query.epoch.into())];
+    if let Some(team) = query.team {
+        values.push(("?5", team.to_string().into()));
+    }
+    if let Some(types) = query.types {
+        values.push(("?6", types.to_string().into()));
+    }
+    let sql = match (query.team.is_some(), query.types.is_some()) {
+        (false, false) => variants[0],
+        (true, false) => variants[1],
+        (false, true) => variants[2],
+        (true, true) => variants[3],
+    };
+    (sql, values)
+}
+
+fn bind<'v>(values: &'v [(&'static str, rusqlite::types::Value)]) -> Vec<(&'static str, &'v dyn rusqlite::ToSql)> {
+    values.iter().map(|(k, v)| (*k, v as &dyn rusqlite::ToSql)).collect()
+}
 
 /// How many events are due from `query.from_seq` on (`limit` is ignored).
 pub fn count_due(conn: &Connection, query: DueQuery<'_>) -> Result<u64> {
-    let counted = match query.team {
-        None => conn
-            .prepare_cached(COUNT_DUE_SQL)
-            .and_then(|mut s| s.query_row(params![query.from_seq, query.target, query.epoch], |r| r.get::<_, i64>(0))),
-        Some(team) => conn.prepare_cached(COUNT_DUE_TEAM_SQL).and_then(|mut s| {
-            s.query_row(
-                rusqlite::named_params! {"?1": query.from_seq, "?2": query.target, "?3": query.epoch, "?5": team},
-                |r| r.get::<_, i64>(0),
-            )
-        }),
-    };
-    counted.map(|n| n as u64).ctx("cannot count due events")
+    let (sql, values) =
+        statement(&query, [COUNT_DUE_SQL, COUNT_DUE_TEAM_SQL, COUNT_DUE_TYPES_SQL, COUNT_DUE_TEAM_TYPES_SQL]);
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.query_row(bind(&values).as_slice(), |r| r.get::<_, i64>(0)))
+        .map(|n| n as u64)
+        .ctx("cannot count due events")
 }
 
 /// One event due for delivery.
@@ -112,24 +150,19 @@ pub struct DueQuery<'a> {
     pub epoch: i64,
     /// The Teamspace team of the target; `None` for targets without team isolation.
     pub team: Option<&'a str>,
+    /// The target's type filter as a JSON array of event types; `None` for every type.
+    pub types: Option<&'a str>,
     pub from_seq: i64,
     pub limit: i64,
 }
 
 pub fn select_due(conn: &Connection, query: DueQuery<'_>) -> Result<Vec<DueEvent>> {
     let read = |r: &rusqlite::Row<'_>| Ok(DueEvent { seq: r.get(0)?, event_id: r.get(1)?, envelope: r.get(2)? });
-    let rows: rusqlite::Result<Vec<DueEvent>> = match query.team {
-        None => conn.prepare_cached(SELECT_DUE_SQL).and_then(|mut s| {
-            s.query_map(params![query.from_seq, query.target, query.epoch, query.limit], read)?.collect()
-        }),
-        Some(team) => conn.prepare_cached(SELECT_DUE_TEAM_SQL).and_then(|mut s| {
-            s.query_map(
-                rusqlite::named_params! {"?1": query.from_seq, "?2": query.target, "?3": query.epoch, "?4": query.limit, "?5": team},
-                read,
-            )?
-            .collect()
-        }),
-    };
+    let (sql, mut values) =
+        statement(&query, [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL]);
+    values.push(("?4", query.limit.into()));
+    let rows: rusqlite::Result<Vec<DueEvent>> =
+        conn.prepare_cached(sql).and_then(|mut s| s.query_map(bind(&values).as_slice(), read)?.collect());
     rows.ctx("cannot select due events")
 }
 
@@ -154,12 +187,18 @@ mod tests {
     use super::*;
     use crate::home::Home;
     use crate::store::Store;
+    use rusqlite::params;
 
     fn plan(conn: &Connection, sql: &str) -> Vec<String> {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let count = stmt.parameter_count();
-        let values: Vec<rusqlite::types::Value> =
-            (0..count).map(|i| if i == 4 { "team".to_string().into() } else { 1i64.into() }).collect();
+        let values: Vec<rusqlite::types::Value> = (0..count)
+            .map(|i| match i {
+                4 => "team".to_string().into(),
+                5 => r#"["T"]"#.to_string().into(),
+                _ => 1i64.into(),
+            })
+            .collect();
         stmt.query_map(rusqlite::params_from_iter(values), |r| r.get::<_, String>(3))
             .unwrap()
             .map(|r| r.unwrap())
@@ -170,7 +209,7 @@ mod tests {
     fn selection_is_a_keyset_range_scan_with_index_probes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Home::at(dir.path())).unwrap();
-        for sql in [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL] {
+        for sql in [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL] {
             let steps = plan(store.conn(), sql);
             let joined = steps.join("\n");
             // The journal is walked by its primary key from the keyset position...
@@ -182,7 +221,8 @@ mod tests {
                 "{joined}"
             );
             // ...and nothing is scanned in full or sorted.
-            assert!(!steps.iter().any(|s| s.starts_with("SCAN")), "{joined}");
+            // (The type filter's own list is the only scan: a few names, once per statement.)
+            assert!(!steps.iter().any(|s| s.starts_with("SCAN") && !s.contains("json_each")), "{joined}");
             assert!(!joined.contains("TEMP B-TREE"), "{joined}");
         }
     }
@@ -241,7 +281,7 @@ mod tests {
         )
         .unwrap();
         let seqs = |team: Option<&str>, from: i64, limit: i64| -> Vec<i64> {
-            select_due(conn, DueQuery { target: 1, epoch: 0, team, from_seq: from, limit })
+            select_due(conn, DueQuery { target: 1, epoch: 0, team, types: None, from_seq: from, limit })
                 .unwrap()
                 .into_iter()
                 .map(|e| e.seq)

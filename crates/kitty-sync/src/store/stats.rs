@@ -263,7 +263,14 @@ mod tests {
             }
             Op::Purge(seq) => {
                 let seq = i64::from(*seq);
-                crate::delivery::retention::purge_range(conn, seq, seq + 2, 0, 1).unwrap();
+                crate::delivery::retention::purge_range(
+                    conn,
+                    seq,
+                    seq + 2,
+                    &crate::delivery::retention::Needed { untyped: 0, typed: None },
+                    1,
+                )
+                .unwrap();
             }
         }
     }
