@@ -47,25 +47,29 @@ fn skip_invalid() -> ImportOptions {
     ImportOptions { default_type: None, skip_invalid: true }
 }
 
+/// A connection of the test's own to the store file: the engine keeps its connection to
+/// itself, so the tests look (and meddle) from outside, like another process would.
+fn raw(store: &Store) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn
+}
+
 /// `(event_id, stored bytes)` in capture order.
 fn rows(store: &Store) -> Vec<(String, Vec<u8>)> {
-    let mut stmt = store
-        .conn()
+    let conn = raw(store);
+    let mut stmt = conn
         .prepare("SELECT e.event_id, p.envelope FROM events e JOIN payloads p ON p.seq = e.seq ORDER BY e.seq")
         .unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
 }
 
 fn column(store: &Store, event_id: &str, column: &str) -> Option<String> {
-    store
-        .conn()
-        .query_row(&format!("SELECT {column} FROM events WHERE event_id = ?1"), [event_id], |r| r.get(0))
-        .unwrap()
+    raw(store).query_row(&format!("SELECT {column} FROM events WHERE event_id = ?1"), [event_id], |r| r.get(0)).unwrap()
 }
 
 fn envelope(store: &Store, event_id: &str) -> Value {
-    let bytes: Vec<u8> = store
-        .conn()
+    let bytes: Vec<u8> = raw(store)
         .query_row(
             "SELECT p.envelope FROM events e JOIN payloads p ON p.seq = e.seq WHERE e.event_id = ?1",
             [event_id],
@@ -148,7 +152,7 @@ fn append_records_policy_and_drops_only_under_opt_out() {
     assert_eq!(column(&store, &kept, "drain_blocked_reason").as_deref(), Some("opt_out"));
     assert_eq!(column(&store, &kept, "capture_team").as_deref(), Some("team-x"));
     assert_eq!(envelope(&store, &kept)["team_slug"], "team-x");
-    let dropped: i64 = store.conn().query_row("SELECT sum(count) FROM dropped_events", [], |r| r.get(0)).unwrap();
+    let dropped: i64 = raw(&store).query_row("SELECT sum(count) FROM dropped_events", [], |r| r.get(0)).unwrap();
     assert_eq!(dropped, 2);
 }
 
@@ -159,8 +163,7 @@ fn coalescing_skips_events_already_delivered_somewhere() {
     let first = captured_id(Journal::new(&mut store, CapturePolicy::default()).append(keyed("k")).unwrap());
     let delivered = captured_id(Journal::new(&mut store, CapturePolicy::default()).append(keyed("k")).unwrap());
     // `delivered` superseded `first`; now pretend a target terminally received `delivered`.
-    store
-        .conn()
+    raw(&store)
         .execute_batch(&format!(
             "INSERT INTO targets (id, target_id, kind, canonical_url, first_seen_at, last_seen_at)
                VALUES (1, 't1', 'external', 'https://a.example', 0, 0);
@@ -249,16 +252,16 @@ fn import_under_opt_out_drops_and_blocks() {
 fn a_store_failure_aborts_the_import_instead_of_becoming_a_line_error() {
     let (_dir, mut store) = store();
     // Make every journal insert fail inside SQLite (a stand-in for disk full or I/O errors).
-    store
-        .conn()
+    // A trigger in the schema, so the store's own connection meets it too.
+    raw(&store)
         .execute_batch(
-            "CREATE TEMP TRIGGER fail_inserts BEFORE INSERT ON main.events BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+            "CREATE TRIGGER fail_inserts BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
         )
         .unwrap();
     let input = format!("{{\"event_id\":\"{ID_A}\",\"event_type\":\"A\"}}\n");
     let err = import(&mut store, input.as_bytes(), &skip_invalid()).unwrap_err();
     assert_eq!(err.exit_code(), 1, "a store failure is exit 1, never a skipped line: {err}");
-    store.conn().execute_batch("DROP TRIGGER temp.fail_inserts;").unwrap();
+    raw(&store).execute_batch("DROP TRIGGER fail_inserts;").unwrap();
     assert!(rows(&store).is_empty());
     // The connection is still usable afterwards.
     assert_eq!(import(&mut store, input.as_bytes(), &skip_invalid()).unwrap().captured, 1);

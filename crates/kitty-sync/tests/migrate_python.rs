@@ -211,8 +211,11 @@ fn reruns_change_nothing_and_an_operator_retry_is_not_undone() {
 
     // The operator retries the parked event; Python writes to its ledger again.
     let mut store = Store::open(&home).unwrap();
-    let record =
-        target::list(store.conn()).unwrap().into_iter().find(|t| t.identity.canonical_url.ends_with(":20004")).unwrap();
+    let record = target::list(&observe(&home))
+        .unwrap()
+        .into_iter()
+        .find(|t| t.identity.canonical_url.ends_with(":20004"))
+        .unwrap();
     let lock = kitty_sync::delivery::lock::acquire(&home, std::time::Duration::ZERO, "test").unwrap();
     let retried = requeue(&mut store, &lock, &record, &[], RetrySelection { parked: true, rejected: false }).unwrap();
     assert_eq!(retried.requeued.len(), 1);
@@ -239,20 +242,20 @@ fn reruns_change_nothing_and_an_operator_retry_is_not_undone() {
 fn a_userless_324_target_is_the_teamspace_target_of_any_user() {
     let (_dir, home) = fixture_home("public");
     run(&home);
-    let store = Store::open(&home).unwrap();
+    let conn = observe(&home);
     let as_user = |user: &str| TargetIdentity {
         kind: TargetKind::Teamspace,
         canonical_url: "http://127.0.0.1:20004".into(),
         team_slug: "tm-alice-private".into(),
         user_email: user.into(),
     };
-    let found = target::find(store.conn(), &as_user("bob@example.com")).unwrap().unwrap();
+    let found = target::find(&conn, &as_user("bob@example.com")).unwrap().unwrap();
     assert_eq!(found.identity.user_email, "");
     assert_eq!(found.target_id, "tgt_tm_alice_private_da509fe00cf78d9a2e292bdb86f33c60");
-    let registered = target::register(store.conn(), &as_user("carol@example.com"), 1).unwrap();
+    let registered = target::register(&conn, &as_user("carol@example.com"), 1).unwrap();
     assert_eq!(registered.id, found.id, "no second target for another login");
     let other_team = TargetIdentity { team_slug: "other".into(), ..as_user("bob@example.com") };
-    assert!(target::find(store.conn(), &other_team).unwrap().is_none());
+    assert!(target::find(&conn, &other_team).unwrap().is_none());
 }
 
 #[test]
@@ -312,4 +315,11 @@ fn imported_deliveries_keep_the_counters_exact() {
         kitty_sync::store::stats::rebuild(&conn).unwrap();
         assert_eq!(kept, snapshot(&conn), "{name}");
     }
+}
+
+/// A connection of the test's own to the store file (the engine keeps its own to itself).
+fn observe(home: &Home) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(home.store_path()).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    conn
 }

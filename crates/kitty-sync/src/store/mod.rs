@@ -122,11 +122,13 @@ impl Store {
         &self.path
     }
 
-    pub fn conn(&self) -> &Connection {
+    // The raw connection stays inside the engine: callers get typed operations, so the
+    // rules (settled, due, locks, durability) cannot be bypassed with ad-hoc SQL.
+    pub(crate) fn conn(&self) -> &Connection {
         &self.conn
     }
 
-    pub fn conn_mut(&mut self) -> &mut Connection {
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn
     }
 
