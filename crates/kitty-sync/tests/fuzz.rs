@@ -232,13 +232,8 @@ fn toml_like() -> impl Strategy<Value = String> {
     })
 }
 
-/// The shared fixture, found above the workspace (worktrees sit one level deeper than main).
 fn legacy_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures/legacy-queues/public/home"))
-        .find(|path| path.is_dir())
-        .expect("shared/fixtures/legacy-queues is missing")
+    support::shared_fixtures().join("legacy-queues/public/home")
 }
 
 fn copy_fixture(to: &Path) -> Vec<PathBuf> {

@@ -237,13 +237,8 @@ fn now_on_a_full_disk() {
     assert_eq!(ids.len(), stored.ids().len(), "an event stored twice");
 }
 
-/// The shared fixture, found above the workspace (worktrees sit one level deeper than main).
 fn legacy_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures/legacy-queues/public/home"))
-        .find(|path| path.is_dir())
-        .expect("shared/fixtures/legacy-queues is missing")
+    crate::common::shared_fixtures().join("legacy-queues/public/home")
 }
 
 #[test]

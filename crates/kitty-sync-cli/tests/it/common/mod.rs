@@ -24,13 +24,13 @@ pub const HOST_ENV: [&str; 4] = ["SPEC_KITTY_SAAS_URL", "SPEC_KITTY_ENABLE_SAAS_
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitty-sync");
 
-/// A plain `std::process::Command` for the binary, host variables removed, no `--home`
-/// (spawnable and killable, unlike `assert_cmd`'s).
 /// Fixture helpers shared with the engine's migration tests (one copy of them).
 #[path = "../../../../kitty-sync/tests/support/mod.rs"]
 mod fixtures;
 pub use fixtures::{copy_tree, shared_fixtures, unconsented_ids};
 
+/// A plain `std::process::Command` for the binary, host variables removed, no `--home`
+/// (spawnable and killable, unlike `assert_cmd`'s).
 pub fn bin() -> Command {
     let mut command = Command::new(BIN);
     for name in HOST_ENV {
