@@ -388,19 +388,8 @@ pub fn undelivered(
         store.conn(),
         DueQuery { target: record.id, epoch: record.epoch, team, types: None, from_seq: record.due_from_seq, limit: 0 },
     )?;
-    let stuck: i64 = store
-        .conn()
-        .query_row(
-            // INDEXED BY: the planner otherwise walks the target's whole ledger by primary key.
-            "SELECT count(*) FROM ledger l INDEXED BY ledger_by_status JOIN events e ON e.seq = l.seq
-             WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('terminal_failed', 'rejected')
-               AND (l.status = 'terminal_failed' OR l.reject_count >= 3)
-               AND e.state = 0 AND e.coalesced_into IS NULL",
-            params![record.id, record.epoch],
-            |r| r.get(0),
-        )
-        .ctx("cannot read the ledger")?;
-    Ok(due as i64 + stuck)
+    let (held, _) = crate::store::selection::held(store.conn(), record.id, record.epoch)?;
+    Ok(due as i64 + held)
 }
 
 fn other_team_retained(store: &Store, team: Option<&str>) -> Result<i64> {

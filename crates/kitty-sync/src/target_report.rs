@@ -11,6 +11,7 @@ use crate::delivery::target::{self, TargetIdentity, TargetKind, TargetRecord};
 use crate::error::{Result, StoreContext};
 use crate::home::Home;
 use crate::store::Store;
+use crate::store::selection::{held_sql, settled_sql};
 use crate::store::stats;
 use crate::targets_config::{NamedTarget, PRIMARY};
 
@@ -200,16 +201,22 @@ fn undelivered(
         store.conn().query_row(sql, params_from_iter(values), |r| r.get(0)).ctx("cannot count undelivered events")
     };
     let Some(record) = record else { return count(&due, &values) };
-    due.push_str(
+    due.push_str(concat!(
         " AND e.seq >= ? AND NOT EXISTS (SELECT 1 FROM ledger AS l WHERE l.target = ? AND l.epoch = ? AND l.seq = e.seq
-            AND (l.status IN ('success', 'duplicate', 'terminal_failed') OR (l.status = 'rejected' AND l.reject_count >= 3)))",
-    );
+            AND ",
+        settled_sql!("l"),
+        ")"
+    ));
     let due_count =
         count(&due, &[values, vec![record.due_from_seq.into(), record.id.into(), record.epoch.into()]].concat())?;
     let stuck = format!(
-        "SELECT count(*) FROM ledger AS l JOIN events AS e ON e.seq = l.seq
-         WHERE l.target = ? AND l.epoch = ? AND (l.status = 'terminal_failed' OR (l.status = 'rejected' AND l.reject_count >= 3))
-           AND e.state = 0 AND e.coalesced_into IS NULL AND e.event_type IN ({marks})"
+        concat!(
+            "SELECT count(*) FROM ledger AS l JOIN events AS e ON e.seq = l.seq
+         WHERE l.target = ? AND l.epoch = ? AND ",
+            held_sql!("l"),
+            " AND e.state = 0 AND e.coalesced_into IS NULL AND e.event_type IN ({marks})"
+        ),
+        marks = marks
     );
     let stuck_values: Vec<Value> =
         [vec![record.id.into(), record.epoch.into()], types.iter().map(|t| Value::Text(t.clone())).collect()].concat();

@@ -1,13 +1,13 @@
 //! How far behind a target is: its undelivered count (the `status` definition) and the
 //! capture time of its oldest undelivered event (what `--max-lag` compares).
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::OptionalExtension;
 
 use crate::delivery::target::{self, TargetIdentity};
 use crate::error::{Result, StoreContext};
 use crate::status::undelivered;
 use crate::store::Store;
-use crate::store::selection::{DueQuery, count_due, select_due};
+use crate::store::selection::{DueQuery, count_due, held, select_due};
 use crate::store::stats::journal_counters;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,17 +32,14 @@ pub fn backlog(
     let due = DueQuery { target: id, epoch, team, types: types.as_deref(), from_seq, limit: 1 };
     let undelivered_count = match types {
         // Due for the filtered target, plus what is parked or held for it.
-        Some(_) => count_due(store.conn(), due)? as i64 + stuck_count(store, record.as_ref())?,
+        Some(_) => count_due(store.conn(), due)? as i64 + held_of(store, record.as_ref())?.0,
         None => undelivered(store, record.as_ref(), team, &journal_counters(store.conn())?)?,
     };
     if undelivered_count == 0 {
         return Ok(Backlog::default());
     }
     let first_due = select_due(store.conn(), due)?.first().map(|e| e.seq);
-    let first_stuck = match &record {
-        Some(r) => first_stuck(store, r.id, r.epoch)?,
-        None => None,
-    };
+    let first_stuck = held_of(store, record.as_ref())?.1;
     let oldest_seq = [first_due, first_stuck].into_iter().flatten().min();
     let oldest_undelivered_ms = match oldest_seq {
         Some(seq) => store
@@ -55,33 +52,10 @@ pub fn backlog(
     Ok(Backlog { undelivered_count, oldest_undelivered_ms })
 }
 
-/// The oldest event parked or held after rejections (undelivered until an operator retries).
-fn first_stuck(store: &Store, target: i64, epoch: i64) -> Result<Option<i64>> {
-    store
-        .conn()
-        .query_row(
-            "SELECT min(l.seq) FROM ledger l INDEXED BY ledger_by_status JOIN events e ON e.seq = l.seq
-             WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('terminal_failed', 'rejected')
-               AND (l.status = 'terminal_failed' OR l.reject_count >= 3)
-               AND e.state = 0 AND e.coalesced_into IS NULL",
-            params![target, epoch],
-            |r| r.get(0),
-        )
-        .ctx("cannot read the ledger")
-}
-
-/// Events parked or held after rejections for the target (undelivered until an operator retries).
-fn stuck_count(store: &Store, record: Option<&target::TargetRecord>) -> Result<i64> {
-    let Some(record) = record else { return Ok(0) };
-    store
-        .conn()
-        .query_row(
-            "SELECT count(*) FROM ledger l JOIN events e ON e.seq = l.seq
-             WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('terminal_failed', 'rejected')
-               AND (l.status = 'terminal_failed' OR l.reject_count >= 3)
-               AND e.state = 0 AND e.coalesced_into IS NULL",
-            params![record.id, record.epoch],
-            |r| r.get(0),
-        )
-        .ctx("cannot read the ledger")
+/// Events parked or held after rejections for the target: (count, smallest seq).
+fn held_of(store: &Store, record: Option<&target::TargetRecord>) -> Result<(i64, Option<i64>)> {
+    match record {
+        Some(r) => held(store.conn(), r.id, r.epoch),
+        None => Ok((0, None)),
+    }
 }

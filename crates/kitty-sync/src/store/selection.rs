@@ -4,13 +4,30 @@
 //! one primary-key probe into `ledger` per candidate; it never sorts and never materialises
 //! the journal, so a page costs the same at a million events as at ten.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, params};
 
 use crate::delivery::wire::Outcome;
 use crate::error::{Result, StoreContext};
 
 /// A rejected event is re-sent until the same target has rejected it this many times.
 pub const REJECT_LIMIT: i64 = 3;
+
+/// The settled rows that are no delivery: parked, or held after [`REJECT_LIMIT`] rejections
+/// (undelivered until an operator's `retry`). Part of [`settled_sql!`], spelled once.
+macro_rules! held_sql {
+    ($l:literal) => {
+        concat!(
+            "(",
+            $l,
+            ".status = 'terminal_failed' OR (",
+            $l,
+            ".status = 'rejected' AND ",
+            $l,
+            ".reject_count >= 3))"
+        )
+    };
+}
+pub(crate) use held_sql;
 
 /// THE settled rule: an event needs nothing more from a target (until an operator's
 /// `retry`) once that target's ledger row says success, duplicate or parked, or rejected
@@ -21,18 +38,26 @@ pub const REJECT_LIMIT: i64 = 3;
 /// it can be part of `const` statements.
 macro_rules! settled_sql {
     ($l:literal) => {
-        concat!(
-            "(",
-            $l,
-            ".status IN ('success', 'duplicate', 'terminal_failed') OR (",
-            $l,
-            ".status = 'rejected' AND ",
-            $l,
-            ".reject_count >= 3))"
-        )
+        concat!("(", $l, ".status IN ('success', 'duplicate') OR ", $crate::store::selection::held_sql!($l), ")")
     };
 }
 pub(crate) use settled_sql;
+
+/// Retained, not coalesced away, and held for the target (`?1`, epoch `?2`).
+/// INDEXED BY: the planner otherwise walks the target's whole ledger by primary key.
+const HELD_FROM: &str = concat!(
+    "FROM ledger l INDEXED BY ledger_by_status JOIN events e ON e.seq = l.seq
+     WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('terminal_failed', 'rejected') AND ",
+    held_sql!("l"),
+    " AND e.state = 0 AND e.coalesced_into IS NULL"
+);
+
+/// How many retained events are held for the target: (count, smallest seq).
+pub fn held(conn: &Connection, target: i64, epoch: i64) -> Result<(i64, Option<i64>)> {
+    conn.prepare_cached(&format!("SELECT count(*), min(l.seq) {HELD_FROM}"))
+        .and_then(|mut s| s.query_row(params![target, epoch], |r| Ok((r.get(0)?, r.get(1)?))))
+        .ctx("cannot read the ledger")
+}
 
 /// [`settled_sql!`] for a ledger row in hand.
 pub fn is_settled(outcome: Outcome, reject_count: i64) -> bool {
