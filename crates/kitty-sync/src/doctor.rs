@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::authority::TargetAuthority;
 use crate::delivery::receiver::{ExternalReceiver, Gate, HEALTH_PATH, HttpClient, Receiver, TeamspaceReceiver};
 use crate::delivery::reset;
-use crate::delivery::target::{self, DeploymentMetadata, TargetIdentity};
+use crate::delivery::target::{self, DeploymentMetadata, TargetIdentity, TargetRecord};
 use crate::home::{Config, CredentialsFile, Home};
 use crate::mode::EventSyncMode;
 use crate::store::Store;
@@ -78,14 +78,23 @@ pub fn run(home: &Home) -> DoctorReport {
     let credentials = home.read_credentials();
     checks.extend(check_credentials(home, &credentials, mode));
     let authority = TargetAuthority::for_home(home, &config, &credentials).ok();
-    if let Some(authority) = &authority {
-        checks.extend(check_targets(home, &config, &credentials, authority, store.as_ref()));
-        checks.push(check_legacy(home, authority, store.as_ref()));
+    let targets = authority.as_ref().map(|a| active_targets(home, &config, &credentials, a));
+    // Everything the store is asked is read now: a read-only open of a quiescent store keeps
+    // writers waiting while it is open, and the target checks below wait on the network.
+    let records: Vec<Option<TargetRecord>> = targets
+        .iter()
+        .flatten()
+        .map(|t| store.as_ref().and_then(|s| target::find(s.conn(), &t.identity).ok().flatten()))
+        .collect();
+    let legacy = authority.as_ref().map(|a| check_legacy(home, a, store.as_ref()));
+    let conflicts = store.as_ref().map(check_conflicts);
+    drop(store);
+    if let Some(targets) = &targets {
+        checks.extend(check_targets(targets, &records));
     }
+    checks.extend(legacy);
     checks.push(check_daemon(home));
-    if let Some(store) = &store {
-        checks.push(check_conflicts(store));
-    }
+    checks.extend(conflicts);
     let ok = checks.iter().all(|c| c.status != Verdict::Fail);
     DoctorReport { ok, checks }
 }
@@ -256,21 +265,15 @@ fn active_targets(
     out
 }
 
-fn check_targets(
-    home: &Home,
-    config: &Config,
-    credentials: &CredentialsFile,
-    authority: &TargetAuthority,
-    store: Option<&Store>,
-) -> Vec<Check> {
-    let targets = active_targets(home, config, credentials, authority);
+fn check_targets(targets: &[ActiveTarget], records: &[Option<TargetRecord>]) -> Vec<Check> {
     if targets.is_empty() {
         return vec![ok("targets", "no active target: this mode delivers nowhere and no named target is enabled")];
     }
-    targets.iter().map(|t| check_target(t, store)).collect()
+    targets.iter().zip(records).map(|(t, record)| check_target(t, record.as_ref())).collect()
 }
 
-fn check_target(t: &ActiveTarget, store: Option<&Store>) -> Check {
+/// `record`: what the store knows of the target (none before its first drain).
+fn check_target(t: &ActiveTarget, record: Option<&TargetRecord>) -> Check {
     let name = format!("target:{}", t.name);
     if let Some(gate) = t.gates.iter().find(|g| !g.satisfied) {
         return fail(&name, format!("delivery blocked ({}): {}", gate.reason, gate.message), gate.hint.clone());
@@ -296,8 +299,7 @@ fn check_target(t: &ActiveTarget, store: Option<&Store>) -> Check {
         }
         Health::Reported(meta) => meta,
     };
-    let record = store.and_then(|s| target::find(s.conn(), &t.identity).ok().flatten());
-    if let Some(record) = &record
+    if let Some(record) = record
         && let Some(changed) = reset::detect(&record.deployment, &reported)
     {
         return fail(

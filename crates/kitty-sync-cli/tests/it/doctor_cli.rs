@@ -161,3 +161,33 @@ fn without_a_home_it_creates_nothing() {
     let doc: Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(check(&doc, "home")["status"], "warn");
 }
+
+#[test]
+fn a_slow_target_check_does_not_hold_up_captures() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(&dir.path().join("r.db"), &["--delay-ms", "3000"]);
+    let home = Home::new();
+    home.external(&receiver.endpoint());
+    home.emit("Before", "{}");
+    // A store without a WAL file (its last connection folded and removed it): the case where a
+    // read-only open must exclude writers while it is open.
+    let db = home.path().join("event-sync/kitty-sync.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    drop(conn);
+    for sidecar in ["kitty-sync.db-wal", "kitty-sync.db-shm"] {
+        let _ = std::fs::remove_file(home.path().join("event-sync").join(sidecar));
+    }
+    let started = std::time::Instant::now();
+    let doctor = home.spawn(&["doctor", "--json"]);
+    // doctor is now waiting for the slow health endpoint; the store must be free meanwhile.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let emitted = std::time::Instant::now();
+    home.emit("During", "{}");
+    let took = emitted.elapsed();
+    let output = doctor.wait_with_output().unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(2500), "the target check was not slow");
+    assert!(took < std::time::Duration::from_millis(1500), "emit waited {took:?} for doctor's read-only store");
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(doc["checks"].as_array().unwrap().iter().filter(|c| c["name"] == "store").count(), 1);
+}
