@@ -21,24 +21,13 @@ fn with_newline(text: &str) -> String {
 /// target ids and durations.
 pub fn filters(home: &Path) -> Vec<(String, String)> {
     vec![
-        (regex_escape(&home.display().to_string()), "[home]".into()),
+        (crate::status_support::regex_escape(&home.display().to_string()), "[home]".into()),
         (r"127\.0\.0\.1:\d+".into(), "127.0.0.1:[port]".into()),
         (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)".into(), "[time]".into()),
         (r"tgt_[a-z0-9_]+_[0-9a-f]{32}".into(), "[target-id]".into()),
         (r"\b[0-9A-HJKMNP-TV-Z]{26}\b".into(), "[ulid]".into()),
         (r"\bin \d+(\.\d+)? ?(ms|s|µs)\b".into(), "in [elapsed]".into()),
     ]
-}
-
-fn regex_escape(text: &str) -> String {
-    let mut out = String::new();
-    for c in text.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// `assert_cli_snapshot!(home_path, run)` or `assert_cli_snapshot!(name, home_path, run)`:

@@ -218,7 +218,8 @@ pub fn filters(home: &TestHome) -> Vec<(String, String)> {
     ]
 }
 
-fn regex_escape(text: &str) -> String {
+/// `text` as a regex matching itself (for snapshot filters).
+pub fn regex_escape(text: &str) -> String {
     let mut out = String::new();
     for c in text.chars() {
         if "\\.+*?()|[]{}^$#&-~".contains(c) {
