@@ -54,15 +54,15 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Show what the journal holds and what each target has received (read-only)
     Status(cmd::status::StatusArgs),
-    /// Deliver the events the active target has not received yet
+    /// Deliver what every active target (or each --target) has not received yet
     Now(cmd::now::NowArgs),
-    /// Make parked (and rejected) events of the current target due again
+    /// Make parked (and rejected, or not-consented) events due again for the active targets
     Retry(cmd::retry::RetryArgs),
     /// Write fully delivered events to a gzip JSON Lines archive and mark them archived
     Archive(cmd::retention::ArchiveArgs),
     /// Purge payload bytes of fully delivered or archived events (history is kept)
     Gc(cmd::retention::GcArgs),
-    /// Import spec-kitty's legacy offline queues (read-only) into the journal
+    /// Import spec-kitty's stores (≤ 3.2.3 queues, 3.2.4–3.2.7 journals, ledger, project stores), read-only
     Migrate(cmd::migrate::MigrateArgs),
     /// Named targets delivered beside the mode's own (list, add, remove, enable, disable)
     #[command(subcommand)]
