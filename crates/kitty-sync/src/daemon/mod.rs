@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::clock::now_ms;
+use crate::delivery::batch::SharedBatches;
 use crate::delivery::dispatcher::{DrainOptions, DrainSummary, StopReason, drain};
 use crate::delivery::lock::{self, DrainLock};
 use crate::delivery::receiver::{Gate, Receiver, TransportError};
@@ -368,23 +369,36 @@ impl Daemon {
             Err(e) => return Err(e),
         };
         self.seen_seq = self.top_seq()?;
+        // Targets taking the same events this round share their reads and compressed bodies.
+        let batches = Arc::new(SharedBatches::default());
         for index in 0..self.slots.len() {
             if self.shared.stopping() {
                 break;
             }
             if self.slots[index].ready(Instant::now()) {
-                self.deliver(&lock, index, notice)?;
+                self.deliver(&lock, &batches, index, notice)?;
             }
         }
         Ok(false)
     }
 
-    fn deliver(&mut self, lock: &DrainLock, index: usize, notice: &mut dyn FnMut(Notice<'_>)) -> Result<()> {
+    fn deliver(
+        &mut self,
+        lock: &DrainLock,
+        batches: &Arc<SharedBatches>,
+        index: usize,
+        notice: &mut dyn FnMut(Notice<'_>),
+    ) -> Result<()> {
         self.shared.update_target(index, |t| t.state = Phase::Delivering);
         let shared = Arc::clone(&self.shared);
         let slot = &mut self.slots[index];
-        let options =
-            DrainOptions { limit: Some(ROUND_LIMIT), retries: 0, types: slot.types.clone(), ..DrainOptions::default() };
+        let options = DrainOptions {
+            limit: Some(ROUND_LIMIT),
+            retries: 0,
+            types: slot.types.clone(),
+            shared: Some(Arc::clone(batches)),
+            ..DrainOptions::default()
+        };
         let mut guarded = Guarded { inner: slot.receiver.as_mut(), shared: &shared };
         let result = drain(&mut self.store, lock, &mut guarded, &options, false, &mut |_, _| shared.touch());
         let unsaved = slot.receiver.finish();

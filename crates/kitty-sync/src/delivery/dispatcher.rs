@@ -8,12 +8,13 @@
 //! apart from the reading of batches, so one batch can later be offered to several targets.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::backoff::{Backoff, Pacer, SystemPacer};
-use super::batch::{Prepared, encode_batch, prefetch};
+use super::batch::{SharedBatches, encode_batch, prefetch};
 use super::ledger::{self, EventResult, LedgerKey};
 use super::lock::DrainLock;
 use super::receiver::Receiver;
@@ -40,6 +41,8 @@ pub struct DrainOptions {
     pub redrain: bool,
     /// Only events of these types go to the target (contract §9); `None`: every type.
     pub types: Option<Vec<String>>,
+    /// The batches of a fan-out run, shared by its targets (read and compressed once).
+    pub shared: Option<Arc<SharedBatches>>,
 }
 
 impl Default for DrainOptions {
@@ -52,6 +55,7 @@ impl Default for DrainOptions {
             backoff_base: Duration::from_millis(500),
             redrain: false,
             types: None,
+            shared: None,
         }
     }
 }
@@ -450,28 +454,32 @@ impl Run<'_, '_> {
         let mut cursor = self.target.record.due_from_seq;
         let first = self.due_query(team, types, cursor, self.remaining_budget());
         let mut next = match (&reader, first) {
-            (Some(conn), Some(query)) => prefetch(conn, query, self.options.batch_bytes)?,
+            (Some(conn), Some(query)) => {
+                prefetch(conn, query, self.options.batch_bytes, self.options.shared.as_deref())?
+            }
             _ => None,
         };
         loop {
-            let Some(Prepared { events, body }) = next.take() else {
+            let Some(prepared) = next.take() else {
                 return self.settle_tail(team, types, cursor);
             };
+            let events = &prepared.events;
             let last_seq = events.last().map(|e| e.seq).unwrap_or(cursor);
             cursor = last_seq + 1;
             self.target.summary.selected += events.len() as u64;
             let following = self.due_query(team, types, cursor, self.remaining_budget());
             let batch_bytes = self.options.batch_bytes;
+            let shared = self.options.shared.clone();
             let conn = reader.take();
             let (stop, fetched, conn) = std::thread::scope(|scope| {
                 let handle = scope.spawn(move || {
                     let fetched = match (&conn, following) {
-                        (Some(c), Some(query)) => prefetch(c, query, batch_bytes),
+                        (Some(c), Some(query)) => prefetch(c, query, batch_bytes, shared.as_deref()),
                         _ => Ok(None),
                     };
                     (fetched, conn)
                 });
-                let stop = self.deliver(&events, Some(body));
+                let stop = self.deliver(events, Some(&prepared.body));
                 match handle.join() {
                     Ok((fetched, conn)) => (stop, fetched, conn),
                     Err(_) => {
@@ -535,17 +543,21 @@ impl Run<'_, '_> {
     /// Posts a batch (compressing it unless `body` is given) and records what became of each
     /// event, splitting on 413 and bisecting a 400 without details. Returns why the drain
     /// must stop, if it must.
-    fn deliver(&mut self, batch: &[DueEvent], body: Option<Vec<u8>>) -> Result<Option<StopReason>> {
+    fn deliver(&mut self, batch: &[DueEvent], body: Option<&[u8]>) -> Result<Option<StopReason>> {
         let ids: Vec<&str> = batch.iter().map(|e| e.event_id.as_str()).collect();
+        let encoded;
         let body = match body {
             Some(body) => body,
-            None => encode_batch(batch)?,
+            None => {
+                encoded = encode_batch(batch)?;
+                encoded.as_slice()
+            }
         };
         let (store, key) = (&mut *self.store, self.target.key);
         let mut record_failure = |now: i64, status: Option<u16>, error: &str| {
             ledger::record(store.conn_mut(), key, &uniform(batch, Outcome::FailedTransient, status, error), now)
         };
-        let sent = self.sender.send(&body, &ids, &mut self.target.summary.batches, &mut record_failure)?;
+        let sent = self.sender.send(body, &ids, &mut self.target.summary.batches, &mut record_failure)?;
         let (verdict, status) = match sent {
             Sent::Stopped(reason, status) => {
                 let error = match &reason {

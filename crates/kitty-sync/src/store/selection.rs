@@ -99,6 +99,17 @@ macro_rules! select_due {
         )
     };
 }
+/// [`select_due!`] without the bytes: enough to cut a batch and to recognise the same batch
+/// selected for another target (`length()` of a blob reads no content).
+macro_rules! select_heads {
+    ($($extra:tt)*) => {
+        concat!(
+            "SELECT e.seq, e.event_id, length(p.envelope) FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
+            due_where!($($extra)*),
+            "\nORDER BY e.seq LIMIT ?4"
+        )
+    };
+}
 macro_rules! count_due {
     ($($extra:tt)*) => {
         concat!("SELECT count(*) FROM events AS e\n", due_where!($($extra)*))
@@ -118,6 +129,10 @@ pub const SELECT_DUE_SQL: &str = select_due!("");
 pub const SELECT_DUE_TEAM_SQL: &str = select_due!(team_term!());
 pub const SELECT_DUE_TYPES_SQL: &str = select_due!(types_term!());
 pub const SELECT_DUE_TEAM_TYPES_SQL: &str = select_due!(concat!(team_term!(), types_term!()));
+pub const SELECT_HEADS_SQL: &str = select_heads!("");
+pub const SELECT_HEADS_TEAM_SQL: &str = select_heads!(team_term!());
+pub const SELECT_HEADS_TYPES_SQL: &str = select_heads!(types_term!());
+pub const SELECT_HEADS_TEAM_TYPES_SQL: &str = select_heads!(concat!(team_term!(), types_term!()));
 pub const COUNT_DUE_SQL: &str = count_due!("");
 pub const COUNT_DUE_TEAM_SQL: &str = count_due!(team_term!());
 pub const COUNT_DUE_TYPES_SQL: &str = count_due!(types_term!());
@@ -158,6 +173,42 @@ pub fn count_due(conn: &Connection, query: DueQuery<'_>) -> Result<u64> {
         .and_then(|mut s| s.query_row(bind(&values).as_slice(), |r| r.get::<_, i64>(0)))
         .map(|n| n as u64)
         .ctx("cannot count due events")
+}
+
+/// One event due for delivery, before its bytes are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueHead {
+    pub seq: i64,
+    pub event_id: String,
+    pub envelope_len: usize,
+}
+
+/// The due page of [`select_due`] without the stored bytes.
+pub fn select_due_heads(conn: &Connection, query: DueQuery<'_>) -> Result<Vec<DueHead>> {
+    let read = |r: &rusqlite::Row<'_>| {
+        Ok(DueHead { seq: r.get(0)?, event_id: r.get(1)?, envelope_len: r.get::<_, i64>(2)?.max(0) as usize })
+    };
+    let (sql, mut values) = statement(
+        &query,
+        [SELECT_HEADS_SQL, SELECT_HEADS_TEAM_SQL, SELECT_HEADS_TYPES_SQL, SELECT_HEADS_TEAM_TYPES_SQL],
+    );
+    values.push(("?4", query.limit.into()));
+    let rows: rusqlite::Result<Vec<DueHead>> =
+        conn.prepare_cached(sql).and_then(|mut s| s.query_map(bind(&values).as_slice(), read)?.collect());
+    rows.ctx("cannot select due events")
+}
+
+/// The stored bytes of `heads`, in their order (one primary-key read each).
+pub fn load_envelopes(conn: &Connection, heads: &[DueHead]) -> Result<Vec<DueEvent>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT envelope FROM payloads WHERE seq = ?1").ctx("cannot read the journal")?;
+    heads
+        .iter()
+        .map(|h| {
+            let envelope = stmt.query_row([h.seq], |r| r.get(0)).ctx("cannot read the journal")?;
+            Ok(DueEvent { seq: h.seq, event_id: h.event_id.clone(), envelope })
+        })
+        .collect()
 }
 
 /// One event due for delivery.
@@ -234,7 +285,11 @@ mod tests {
     fn selection_is_a_keyset_range_scan_with_index_probes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Home::at(dir.path())).unwrap();
-        for sql in [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL] {
+        let heads = [SELECT_HEADS_SQL, SELECT_HEADS_TEAM_SQL, SELECT_HEADS_TYPES_SQL, SELECT_HEADS_TEAM_TYPES_SQL];
+        for sql in [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL]
+            .into_iter()
+            .chain(heads)
+        {
             let steps = plan(store.conn(), sql);
             let joined = steps.join("\n");
             // The journal is walked by its primary key from the keyset position...
