@@ -244,3 +244,26 @@ fn demo_shows_two_targets_at_once_then_a_third_catching_up_alone() {
     assert!(line("A, B: nothing to send").is_some(), "{stdout}");
     assert!(stdout.lines().count() <= 40, "under a screen: {stdout}");
 }
+
+#[test]
+fn a_narrowed_filter_never_lets_gc_purge_what_another_target_still_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Receiver::start(&dir.path().join("b.db"), &[]);
+    let home = Home::new();
+    home.run(&["mode", "local-retention"]).expect(0);
+    add(&home, "wide", &closed_endpoint(), &[]);
+    add(&home, "narrow", &b.endpoint(), &[]);
+    emit_n(&home, 2, "X");
+    emit_n(&home, 2, "Y");
+    let (run, report) = home.now(&["--retries", "0"]);
+    run.expect(4);
+    assert_eq!(entry(&report, "narrow")["delivered"], 4);
+    // narrow now only takes X; it keeps its Y deliveries from before.
+    home.run(&["target", "remove", "narrow"]).expect(0);
+    add(&home, "narrow", &b.endpoint(), &["--type", "X"]);
+    // wide has none of the four: nothing may be purged or archived, Y included.
+    let dry = home.run(&["archive", "--dry-run", "--json"]).expect(0).json();
+    assert_eq!(dry["archived"], 0, "{dry:#}");
+    let gc = home.run(&["gc", "--json"]).expect(0).json();
+    assert_eq!(gc["purged"], 0, "gc purged what `wide` has not received: {gc:#}");
+}

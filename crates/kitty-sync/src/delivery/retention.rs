@@ -56,6 +56,10 @@ pub struct ActiveNamed {
 pub struct Needed {
     pub untyped: i64,
     pub typed: Option<String>,
+    /// Target by target, for when the per-event count of delivering targets cannot be trusted:
+    /// a typed target holds deliveries outside its current filter (the filter was narrowed),
+    /// which the count would take for deliveries to another target.
+    pub exact: Option<String>,
 }
 
 impl Needed {
@@ -68,6 +72,12 @@ impl Needed {
     /// quoted literal (it comes from config, quotes doubled), so every statement keeps its
     /// parameters.
     fn delivered_sql(&self, alias: &str, count: &str) -> String {
+        if let Some(exact) = &self.exact {
+            // `count` stays bound (every statement keeps its parameters) but decides nothing.
+            // Qualified: inside the ledger subquery a bare `seq` would be the ledger's own.
+            let outer = if alias.is_empty() { "events." } else { alias };
+            return format!("({count} >= 0 AND {})", exact.replace("{alias}", outer));
+        }
         match &self.typed {
             None => format!("{alias}delivered_targets >= {count}"),
             Some(json) => format!(
@@ -91,16 +101,20 @@ fn known_targets(
     let registered = target::list(store.conn())?;
     let stored = target::stored_types(store.conn())?;
     let mut filters: Vec<Option<Vec<String>>> = Vec::new();
+    // Every target, for the exact rule.
+    let mut each: Vec<TargetWant> = Vec::new();
     for record in &registered {
         // Active now: the configured filter rules; otherwise the one it was last delivered with.
         let types = match named.iter().find(|n| n.identity == record.identity) {
             Some(active) => active.types.clone(),
             None => stored.iter().find(|(id, _)| *id == record.id).and_then(|(_, t)| t.clone()),
         };
+        each.push((Some((record.id, record.epoch)), types.clone()));
         filters.push(types);
     }
     for active in named {
         if !registered.iter().any(|r| r.identity == active.identity) {
+            each.push((None, active.types.clone()));
             filters.push(active.types.clone());
         }
     }
@@ -108,6 +122,7 @@ fn known_targets(
     if let Some(identity) = current
         && target::find(store.conn(), identity)?.is_none()
     {
+        each.push((None, None));
         filters.push(None);
         note = Some(format!(
             "the current target {} has not received any event yet; run `kitty-sync now` first",
@@ -124,7 +139,63 @@ fn known_targets(
                 .map_err(|e| Error::internal(format!("cannot encode types: {e}"), "report this as a bug"))?,
         )
     };
-    Ok((Needed { untyped, typed }, note))
+    let exact = if delivered_outside_filters(store, &each)? { Some(exact_sql(&each)?) } else { None };
+    Ok((Needed { untyped, typed, exact }, note))
+}
+
+/// A target as archive and gc see it: its ledger key (target row, epoch) once registered, and
+/// its type filter (`None`: every type).
+type TargetWant = (Option<(i64, i64)>, Option<Vec<String>>);
+
+/// Whether some typed target holds a delivery of a type its filter no longer takes.
+fn delivered_outside_filters(store: &Store, each: &[TargetWant]) -> Result<bool> {
+    for (key, types) in each {
+        let (Some((id, epoch)), Some(types)) = (key, types) else { continue };
+        let outside: bool = store
+            .conn()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM ledger l JOIN events e ON e.seq = l.seq
+                 WHERE l.target = ?1 AND l.epoch = ?2 AND l.status IN ('success', 'duplicate')
+                   AND e.event_type NOT IN (SELECT value FROM json_each(?3)))",
+                params![id, epoch, encode_types(types)?],
+                |r| r.get(0),
+            )
+            .ctx("cannot read the ledger")?;
+        if outside {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// "Every target that wants the event has it", one term per target (`{alias}` stands for the
+/// event row's alias).
+fn exact_sql(each: &[TargetWant]) -> Result<String> {
+    let terms = each
+        .iter()
+        .map(|(key, types)| {
+            let has = match key {
+                Some((id, epoch)) => format!(
+                    "EXISTS (SELECT 1 FROM ledger l WHERE l.target = {id} AND l.epoch = {epoch} \
+                     AND l.seq = {{alias}}seq AND l.status IN ('success', 'duplicate'))"
+                ),
+                None => "0".to_string(),
+            };
+            Ok(match types {
+                None => has,
+                Some(types) => format!(
+                    "({{alias}}event_type NOT IN (SELECT value FROM json_each('{}')) OR {has})",
+                    encode_types(types)?.replace('\'', "''")
+                ),
+            })
+        })
+        .collect::<Result<Vec<String>>>()?;
+    Ok(format!("({})", terms.join(" AND ")))
+}
+
+fn encode_types(types: &[String]) -> Result<String> {
+    serde_json::to_string(types)
+        .map_err(|e| Error::internal(format!("cannot encode types: {e}"), "report this as a bug"))
 }
 
 /// Checks the lock proof of a real run; returns whether this is a dry run.

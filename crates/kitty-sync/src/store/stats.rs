@@ -267,7 +267,7 @@ mod tests {
                     conn,
                     seq,
                     seq + 2,
-                    &crate::delivery::retention::Needed { untyped: 0, typed: None },
+                    &crate::delivery::retention::Needed { untyped: 0, typed: None, exact: None },
                     1,
                 )
                 .unwrap();
