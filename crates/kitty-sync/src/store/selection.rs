@@ -90,21 +90,10 @@ macro_rules! due_where {
 /// Team isolation and type filters as their own statements rather than `?4 IS NULL OR ...`:
 /// a parameter that decides a term makes SQLite re-plan on every bind, and the plan proven by
 /// the tests must be the one that runs. `?5` is the team, `?6` the type filter (a JSON array).
-macro_rules! select_due {
-    ($($extra:tt)*) => {
+macro_rules! select_page {
+    ($columns:literal, $($extra:tt)*) => {
         concat!(
-            "SELECT e.seq, e.event_id, p.envelope FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
-            due_where!($($extra)*),
-            "\nORDER BY e.seq LIMIT ?4"
-        )
-    };
-}
-/// [`select_due!`] without the bytes: enough to cut a batch and to recognise the same batch
-/// selected for another target (`length()` of a blob reads no content).
-macro_rules! select_heads {
-    ($($extra:tt)*) => {
-        concat!(
-            "SELECT e.seq, e.event_id, length(p.envelope) FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
+            "SELECT ", $columns, " FROM events AS e JOIN payloads AS p ON p.seq = e.seq\n",
             due_where!($($extra)*),
             "\nORDER BY e.seq LIMIT ?4"
         )
@@ -125,14 +114,18 @@ macro_rules! types_term {
         "\n  AND +e.event_type IN (SELECT value FROM json_each(?6))"
     };
 }
-pub const SELECT_DUE_SQL: &str = select_due!("");
-pub const SELECT_DUE_TEAM_SQL: &str = select_due!(team_term!());
-pub const SELECT_DUE_TYPES_SQL: &str = select_due!(types_term!());
-pub const SELECT_DUE_TEAM_TYPES_SQL: &str = select_due!(concat!(team_term!(), types_term!()));
-pub const SELECT_HEADS_SQL: &str = select_heads!("");
-pub const SELECT_HEADS_TEAM_SQL: &str = select_heads!(team_term!());
-pub const SELECT_HEADS_TYPES_SQL: &str = select_heads!(types_term!());
-pub const SELECT_HEADS_TEAM_TYPES_SQL: &str = select_heads!(concat!(team_term!(), types_term!()));
+pub const SELECT_DUE_SQL: &str = select_page!("e.seq, e.event_id, p.envelope", "");
+pub const SELECT_DUE_TEAM_SQL: &str = select_page!("e.seq, e.event_id, p.envelope", team_term!());
+pub const SELECT_DUE_TYPES_SQL: &str = select_page!("e.seq, e.event_id, p.envelope", types_term!());
+pub const SELECT_DUE_TEAM_TYPES_SQL: &str =
+    select_page!("e.seq, e.event_id, p.envelope", concat!(team_term!(), types_term!()));
+// Heads: the page without the bytes, enough to cut a batch and to recognise the same batch
+// selected for another target (`length()` of a blob reads no content).
+pub const SELECT_HEADS_SQL: &str = select_page!("e.seq, e.event_id, length(p.envelope)", "");
+pub const SELECT_HEADS_TEAM_SQL: &str = select_page!("e.seq, e.event_id, length(p.envelope)", team_term!());
+pub const SELECT_HEADS_TYPES_SQL: &str = select_page!("e.seq, e.event_id, length(p.envelope)", types_term!());
+pub const SELECT_HEADS_TEAM_TYPES_SQL: &str =
+    select_page!("e.seq, e.event_id, length(p.envelope)", concat!(team_term!(), types_term!()));
 pub const COUNT_DUE_SQL: &str = count_due!("");
 pub const COUNT_DUE_TEAM_SQL: &str = count_due!(team_term!());
 pub const COUNT_DUE_TYPES_SQL: &str = count_due!(types_term!());
@@ -188,12 +181,24 @@ pub fn select_due_heads(conn: &Connection, query: DueQuery<'_>) -> Result<Vec<Du
     let read = |r: &rusqlite::Row<'_>| {
         Ok(DueHead { seq: r.get(0)?, event_id: r.get(1)?, envelope_len: r.get::<_, i64>(2)?.max(0) as usize })
     };
-    let (sql, mut values) = statement(
+    page(
+        conn,
         &query,
         [SELECT_HEADS_SQL, SELECT_HEADS_TEAM_SQL, SELECT_HEADS_TYPES_SQL, SELECT_HEADS_TEAM_TYPES_SQL],
-    );
+        read,
+    )
+}
+
+/// One keyset page of due rows through the statement variant for the query's filters.
+fn page<T>(
+    conn: &Connection,
+    query: &DueQuery<'_>,
+    variants: [&'static str; 4],
+    read: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let (sql, mut values) = statement(query, variants);
     values.push(("?4", query.limit.into()));
-    let rows: rusqlite::Result<Vec<DueHead>> =
+    let rows: rusqlite::Result<Vec<T>> =
         conn.prepare_cached(sql).and_then(|mut s| s.query_map(bind(&values).as_slice(), read)?.collect());
     rows.ctx("cannot select due events")
 }
@@ -234,12 +239,7 @@ pub struct DueQuery<'a> {
 
 pub fn select_due(conn: &Connection, query: DueQuery<'_>) -> Result<Vec<DueEvent>> {
     let read = |r: &rusqlite::Row<'_>| Ok(DueEvent { seq: r.get(0)?, event_id: r.get(1)?, envelope: r.get(2)? });
-    let (sql, mut values) =
-        statement(&query, [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL]);
-    values.push(("?4", query.limit.into()));
-    let rows: rusqlite::Result<Vec<DueEvent>> =
-        conn.prepare_cached(sql).and_then(|mut s| s.query_map(bind(&values).as_slice(), read)?.collect());
-    rows.ctx("cannot select due events")
+    page(conn, &query, [SELECT_DUE_SQL, SELECT_DUE_TEAM_SQL, SELECT_DUE_TYPES_SQL, SELECT_DUE_TEAM_TYPES_SQL], read)
 }
 
 /// In one read snapshot: when nothing is due from `query.from_seq` on, the seq just past the
